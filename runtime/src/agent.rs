@@ -1,0 +1,229 @@
+//! What an agent is: the [`Agent`] trait, the factory that builds (and rebuilds) one, and the
+//! context handed to its handlers.
+//!
+//! An agent owns its state. Its handlers take `&mut self` and may hold it across `.await`, so an
+//! agent can keep a connection, a cache or a conversation without locks. The runtime runs each
+//! agent as its own Tokio task and never runs two handlers of one agent at once; an agent that
+//! awaits I/O yields its thread to the others.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Bus, Message};
+use crate::runtime::Shared;
+use crate::task::{TaskError, TaskRequest};
+
+/// Identifies an agent slot in the pool. Stable across restarts: a rebuilt agent keeps its id,
+/// its mailbox and its place in its tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AgentId(pub u32);
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// An error from an agent's factory or lifecycle hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentError(pub Cow<'static, str>);
+
+impl AgentError {
+    /// An error with this message.
+    pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
+        AgentError(message.into())
+    }
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// Why an agent incarnation ended. The supervisor decides from this whether to restart it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// It was asked to stop (shutdown, or a sibling restart under one_for_all / rest_for_one).
+    Stopped,
+    /// A handler or hook panicked; the message is the panic payload.
+    Panicked(String),
+    /// Its factory or `on_start` / `on_restart` hook returned an error.
+    StartFailed(String),
+}
+
+impl ExitReason {
+    /// True for exits a `transient` child is restarted after.
+    pub fn is_abnormal(&self) -> bool {
+        !matches!(self, ExitReason::Stopped)
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::Stopped => f.write_str("stopped"),
+            ExitReason::Panicked(m) => write!(f, "panicked: {m}"),
+            ExitReason::StartFailed(m) => write!(f, "failed to start: {m}"),
+        }
+    }
+}
+
+/// An agent: state plus handlers.
+///
+/// Only [`handle`](Agent::handle) is required. Every method is `async` and takes `&mut self`, so
+/// state may be borrowed across awaits. A panic in any method is caught by the runtime: the task
+/// in hand ends with outcome `panic` (or is retried), the instance is dropped, and the supervisor
+/// builds a new one from the factory.
+///
+/// ```
+/// use bytes::Bytes;
+/// use troupe::{Agent, AgentContext, TaskError, TaskRequest};
+///
+/// /// Counts the bytes it has seen and answers with the running total.
+/// struct Counter { seen: u64 }
+///
+/// impl Agent for Counter {
+///     async fn handle(&mut self, task: TaskRequest, _ctx: &AgentContext) -> Result<Bytes, TaskError> {
+///         self.seen += task.payload.len() as u64;
+///         Ok(Bytes::from(self.seen.to_string()))
+///     }
+/// }
+/// ```
+pub trait Agent: Send + 'static {
+    /// Runs one task and returns its output, or an error that becomes outcome `error`.
+    fn handle(
+        &mut self,
+        task: TaskRequest,
+        ctx: &AgentContext,
+    ) -> impl Future<Output = Result<Bytes, TaskError>> + Send;
+
+    /// Receives a bus message. For a request (see [`Message::is_request`]) the returned bytes
+    /// are the reply; returning `None` to a request makes the caller's request fail with
+    /// `NoReply`. The default ignores messages.
+    fn on_message(
+        &mut self,
+        msg: Message,
+        ctx: &AgentContext,
+    ) -> impl Future<Output = Option<Bytes>> + Send {
+        let _ = (msg, ctx);
+        async { None }
+    }
+
+    /// Runs once after the instance is built, before it takes any work.
+    fn on_start(&mut self, ctx: &AgentContext) -> impl Future<Output = Result<(), AgentError>> + Send {
+        let _ = ctx;
+        async { Ok(()) }
+    }
+
+    /// Runs on a rebuilt instance, after `on_start`, with the reason the previous one ended.
+    fn on_restart(
+        &mut self,
+        ctx: &AgentContext,
+        cause: &ExitReason,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
+        let _ = (ctx, cause);
+        async { Ok(()) }
+    }
+
+    /// Runs when the agent is stopped on purpose (shutdown or a sibling restart).
+    fn on_stop(&mut self, ctx: &AgentContext) -> impl Future<Output = ()> + Send {
+        let _ = ctx;
+        async {}
+    }
+}
+
+/// What a factory knows about the agent it builds.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// The slot's id.
+    pub id: AgentId,
+    /// The agent kind, as named in the config.
+    pub kind: Arc<str>,
+    /// The tier the agent belongs to.
+    pub tier: Arc<str>,
+    /// Capabilities the agent serves (its kind is always one of them).
+    pub capabilities: Arc<[Arc<str>]>,
+    /// Kind-specific parameters from the config (`[tiers.agents.params]`).
+    pub params: Arc<toml::Table>,
+    /// How many times this slot has been started before (0 for the first build).
+    pub restarts: u32,
+}
+
+/// Builds agents of one kind. A supervisor calls it again to rebuild an agent after a crash.
+///
+/// Any `Fn(&AgentSpec) -> A` is a factory; implement the trait directly when building can fail.
+pub trait AgentFactory: Send + Sync + 'static {
+    /// The agent type built.
+    type Agent: Agent;
+
+    /// Builds a fresh instance for the slot described by `spec`.
+    fn build(&self, spec: &AgentSpec) -> Result<Self::Agent, AgentError>;
+}
+
+impl<F, A> AgentFactory for F
+where
+    F: Fn(&AgentSpec) -> A + Send + Sync + 'static,
+    A: Agent,
+{
+    type Agent = A;
+
+    fn build(&self, spec: &AgentSpec) -> Result<A, AgentError> {
+        Ok(self(spec))
+    }
+}
+
+/// Handed to every handler: who the agent is, and a bus handle that sends as this agent.
+pub struct AgentContext {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) index: u32,
+    pub(crate) bus: Bus,
+}
+
+impl AgentContext {
+    pub(crate) fn new(shared: Arc<Shared>, index: u32) -> Self {
+        let bus = Bus::new(shared.clone(), Some(AgentId(index)));
+        AgentContext { shared, index, bus }
+    }
+
+    /// This agent's id.
+    pub fn id(&self) -> AgentId {
+        AgentId(self.index)
+    }
+
+    /// This agent's kind.
+    pub fn kind(&self) -> &str {
+        &self.shared.agents[self.index as usize].spec.kind
+    }
+
+    /// The tier this agent belongs to.
+    pub fn tier(&self) -> &str {
+        &self.shared.agents[self.index as usize].spec.tier
+    }
+
+    /// The bus, sending as this agent (messages carry this agent as `from`).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// A handle to the runtime, to submit sub-tasks.
+    pub fn runtime(&self) -> crate::runtime::RuntimeHandle {
+        crate::runtime::RuntimeHandle::from_shared(self.shared.clone())
+    }
+}
+
+impl fmt::Debug for AgentContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentContext")
+            .field("id", &self.index)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,482 @@
+//! Runtime configuration: the pool (tiers of agents under supervisors), queue bounds, mailbox
+//! bounds and shutdown timing.
+//!
+//! Load it from TOML ([`RuntimeConfig::from_toml_str`], [`RuntimeConfig::from_file`]) or build
+//! it in code. [`RuntimeConfig::validate`] checks everything that does not depend on which agent
+//! kinds are registered, and names the offending field in its error:
+//!
+//! ```
+//! use troupe::RuntimeConfig;
+//!
+//! let err = RuntimeConfig::from_toml_str(r#"
+//!     max_agents = 10
+//!     [[tiers]]
+//!     name = "workers"
+//!     [[tiers.agents]]
+//!     kind = "echo"
+//!     count = 0
+//! "#).unwrap_err();
+//! assert_eq!(err.to_string(), "invalid config field `tiers[0].agents[0].count`: must be at least 1");
+//! ```
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::Overflow;
+use crate::error::ConfigError;
+use crate::priority::PerPriority;
+use crate::supervisor::{RestartPolicy, Strategy};
+
+/// The default pool limit: the size of the pool Troupe was built for.
+pub const DEFAULT_MAX_AGENTS: usize = 928;
+
+/// Everything needed to start a runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Most agents the pool may hold, across all tiers (928 by default).
+    pub max_agents: usize,
+    /// Task queue bounds and fairness.
+    pub queues: QueueConfig,
+    /// Mailbox bounds and the default overflow policy.
+    pub mailbox: MailboxConfig,
+    /// Task defaults.
+    pub tasks: TaskConfig,
+    /// Shutdown timing.
+    pub shutdown: ShutdownConfig,
+    /// Restart intensity of the root supervisor (tier restarts after escalation).
+    pub root: IntensityConfig,
+    /// The tiers, started in this order and stopped in reverse.
+    pub tiers: Vec<TierConfig>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_agents: DEFAULT_MAX_AGENTS,
+            queues: QueueConfig::default(),
+            mailbox: MailboxConfig::default(),
+            tasks: TaskConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            root: IntensityConfig {
+                max_restarts: 3,
+                period: Duration::from_secs(60),
+            },
+            tiers: Vec::new(),
+        }
+    }
+}
+
+/// Task queue bounds and the starvation guard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Most tasks queued per priority (across all targets).
+    pub capacity: PerPriority<usize>,
+    /// A non-empty level passed over this many times in a row takes the next pick; so under
+    /// sustained load it gets at least `1 / (limit + 1)` of picks. Ignored for `critical`.
+    pub starvation_limit: PerPriority<u32>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            capacity: PerPriority([10_000, 20_000, 50_000, 50_000, 50_000]),
+            starvation_limit: PerPriority([u32::MAX, 4, 8, 16, 32]),
+        }
+    }
+}
+
+/// Mailbox bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxConfig {
+    /// Most messages waiting per agent.
+    pub capacity: usize,
+    /// What a send does when the mailbox is full, unless the send or topic says otherwise.
+    pub overflow: Overflow,
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        MailboxConfig {
+            capacity: 1024,
+            overflow: Overflow::Reject,
+        }
+    }
+}
+
+/// Defaults applied to tasks that do not set their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskConfig {
+    /// Handler time limit per attempt for tasks without one; `None` for no limit.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Option<Duration>,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            default_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Shutdown timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long queued and in-flight tasks may run to completion before the rest is cancelled.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Restart intensity: more than `max_restarts` restarts within `period` escalates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntensityConfig {
+    /// Restarts tolerated within `period`.
+    pub max_restarts: u32,
+    /// The sliding window.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+}
+
+/// Delay before restarting a crashed child: `initial`, doubled for each restart of that child
+/// within the intensity period, capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// Delay before the first restart.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Upper bound.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+/// One tier: a supervisor and the agents under it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Unique tier name (used in metrics labels and health).
+    pub name: String,
+    /// How the supervisor reacts to a crashed child.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Which exits the supervisor restarts.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Restart intensity before escalating to the root.
+    #[serde(default = "default_intensity")]
+    pub intensity: IntensityConfig,
+    /// Restart backoff.
+    #[serde(default = "default_backoff")]
+    pub backoff: BackoffConfig,
+    /// The agents, started in order.
+    #[serde(default)]
+    pub agents: Vec<AgentGroupConfig>,
+}
+
+fn default_intensity() -> IntensityConfig {
+    IntensityConfig {
+        max_restarts: 10,
+        period: Duration::from_secs(10),
+    }
+}
+
+fn default_backoff() -> BackoffConfig {
+    BackoffConfig {
+        initial: Duration::from_millis(1),
+        max: Duration::from_secs(1),
+    }
+}
+
+impl TierConfig {
+    /// A tier with default supervision and no agents yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        TierConfig {
+            name: name.into(),
+            strategy: Strategy::default(),
+            restart: RestartPolicy::default(),
+            intensity: default_intensity(),
+            backoff: default_backoff(),
+            agents: Vec::new(),
+        }
+    }
+
+    /// Adds `count` agents of `kind`.
+    pub fn agents(mut self, kind: impl Into<String>, count: usize) -> Self {
+        self.agents.push(AgentGroupConfig {
+            kind: kind.into(),
+            count,
+            capabilities: Vec::new(),
+            params: toml::Table::new(),
+        });
+        self
+    }
+
+    /// Sets the strategy.
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Sets the restart policy of the children.
+    pub fn restart(mut self, restart: RestartPolicy) -> Self {
+        self.restart = restart;
+        self
+    }
+
+    /// Sets the restart intensity.
+    pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
+        self.intensity = IntensityConfig {
+            max_restarts,
+            period,
+        };
+        self
+    }
+
+    /// Sets the restart backoff.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = BackoffConfig { initial, max };
+        self
+    }
+}
+
+/// A run of agents of one kind within a tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentGroupConfig {
+    /// The registered agent kind.
+    pub kind: String,
+    /// How many.
+    pub count: usize,
+    /// Extra capabilities these agents serve, beyond their kind.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Kind-specific parameters handed to the factory.
+    #[serde(default)]
+    pub params: toml::Table,
+}
+
+impl RuntimeConfig {
+    /// Parses and validates TOML.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: RuntimeConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Adds a tier.
+    pub fn tier(mut self, tier: TierConfig) -> Self {
+        self.tiers.push(tier);
+        self
+    }
+
+    /// Total agents over all tiers.
+    pub fn total_agents(&self) -> usize {
+        self.tiers
+            .iter()
+            .flat_map(|t| &t.agents)
+            .map(|a| a.count)
+            .sum()
+    }
+
+    /// Checks every field that can be checked without knowing the registered kinds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_agents == 0 {
+            return Err(ConfigError::invalid("max_agents", "must be at least 1"));
+        }
+        if self.max_agents > u32::MAX as usize >> 8 {
+            return Err(ConfigError::invalid("max_agents", "must be below 16777216"));
+        }
+        for (p, &c) in self.queues.capacity.iter() {
+            if c == 0 {
+                return Err(ConfigError::invalid(
+                    format!("queues.capacity.{p}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if self.mailbox.capacity == 0 {
+            return Err(ConfigError::invalid("mailbox.capacity", "must be at least 1"));
+        }
+        if self.tasks.default_timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::invalid(
+                "tasks.default_timeout",
+                "must be above zero (omit it for no limit)",
+            ));
+        }
+        check_period("root.period", self.root.period)?;
+        let mut names = HashSet::new();
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if tier.name.trim().is_empty() {
+                return Err(ConfigError::invalid(format!("tiers[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(tier.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("tiers[{i}].name"),
+                    format!("duplicate tier name `{}`", tier.name),
+                ));
+            }
+            check_period(&format!("tiers[{i}].intensity.period"), tier.intensity.period)?;
+            if tier.backoff.max < tier.backoff.initial {
+                return Err(ConfigError::invalid(
+                    format!("tiers[{i}].backoff.max"),
+                    "must not be below backoff.initial",
+                ));
+            }
+            for (j, group) in tier.agents.iter().enumerate() {
+                if group.kind.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        format!("tiers[{i}].agents[{j}].kind"),
+                        "must not be empty",
+                    ));
+                }
+                if group.count == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("tiers[{i}].agents[{j}].count"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+        let requested = self.total_agents();
+        if requested > self.max_agents {
+            return Err(ConfigError::TooManyAgents {
+                requested,
+                limit: self.max_agents,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_period(field: &str, period: Duration) -> Result<(), ConfigError> {
+    if period.is_zero() {
+        Err(ConfigError::invalid(field, "must be above zero"))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let c = RuntimeConfig::from_toml_str(
+            r#"
+            max_agents = 20
+            [queues]
+            capacity = { critical = 1, high = 2, normal = 3, low = 4, background = 5 }
+            starvation_limit = { critical = 0, high = 1, normal = 2, low = 3, background = 4 }
+            [mailbox]
+            capacity = 8
+            overflow = { policy = "wait", timeout = "50ms" }
+            [tasks]
+            default_timeout = "2s"
+            [shutdown]
+            drain_timeout = "1s"
+            [[tiers]]
+            name = "a"
+            strategy = "rest_for_one"
+            restart = "transient"
+            intensity = { max_restarts = 2, period = "5s" }
+            backoff = { initial = "1ms", max = "10ms" }
+            [[tiers.agents]]
+            kind = "echo"
+            count = 3
+            capabilities = ["talk"]
+            params = { greeting = "hi" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.total_agents(), 3);
+        assert_eq!(c.queues.capacity.0, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            c.mailbox.overflow,
+            Overflow::Wait {
+                timeout: Duration::from_millis(50)
+            }
+        );
+        assert_eq!(c.tiers[0].strategy, Strategy::RestForOne);
+        assert_eq!(c.tiers[0].restart, RestartPolicy::Transient);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("max_agents = 0", "max_agents"),
+            (
+                "[queues]\ncapacity = { critical = 0, high = 1, normal = 1, low = 1, background = 1 }",
+                "queues.capacity.critical",
+            ),
+            ("[[tiers]]\nname = \"\"", "tiers[0].name"),
+            (
+                "[[tiers]]\nname = \"a\"\n[[tiers]]\nname = \"a\"",
+                "tiers[1].name",
+            ),
+            (
+                "[[tiers]]\nname = \"a\"\nbackoff = { initial = \"1s\", max = \"1ms\" }",
+                "tiers[0].backoff.max",
+            ),
+        ];
+        for (text, field) in cases {
+            match RuntimeConfig::from_toml_str(text) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: expected invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_agents_is_refused_with_both_numbers() {
+        let c = RuntimeConfig {
+            max_agents: 928,
+            ..Default::default()
+        }
+        .tier(TierConfig::new("a").agents("echo", 900))
+        .tier(TierConfig::new("b").agents("echo", 29));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooManyAgents {
+                requested: 929,
+                limit: 928
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_parse_errors() {
+        let e = RuntimeConfig::from_toml_str("max_agent = 3").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse(ref m) if m.contains("max_agent")), "{e}");
+        let e = RuntimeConfig::from_toml_str("[mailbox]\ncapacity = \"big\"").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse(_)), "{e}");
+    }
+}

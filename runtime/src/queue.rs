@@ -1,0 +1,146 @@
+//! Per-priority task queues: admission bounds and the work groups agents pull from.
+//!
+//! Two structures share the work:
+//!
+//! * [`Admission`] holds one bounded depth counter per priority, across all targets. A task is
+//!   admitted only if it can reserve a slot at its priority; `try_submit` fails at once when it
+//!   cannot, `submit` waits for a slot (up to a deadline). This is the runtime's backpressure:
+//!   the queued work, and so the memory it holds, never exceeds the configured capacities.
+//! * A [`WorkGroup`] is the set of queues for one capability (every agent kind is one) or for
+//!   one agent (tasks sent to an agent id). Agents *pull* from the groups they serve, so a task
+//!   is never owned by a particular agent while queued: an agent that crashes or restarts loses
+//!   nothing but the task in its hands.
+//!
+//! Picking is priority-first with a starvation guard: a non-empty level that has been passed
+//! over `starvation_limit` times in a row takes the next turn. Under sustained load a level
+//! therefore gets at least `1 / (limit + 1)` of the picks (weighted, configurable per level),
+//! while a single urgent task still overtakes everything queued below it.
+//!
+//! Everything on this path is lock-free (crossbeam `SegQueue` plus atomics); the only wait is
+//! the `submit` slow path (see [`Bound`]).
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use crossbeam_queue::SegQueue;
+use crossbeam_utils::CachePadded;
+
+use crate::bound::Bound;
+use crate::priority::{PerPriority, Priority};
+use crate::task::QueuedTask;
+
+/// Bounded per-priority depth counters shared by every work group.
+pub(crate) struct Admission {
+    levels: [CachePadded<Bound>; Priority::COUNT],
+}
+
+impl Admission {
+    pub(crate) fn new(capacity: &PerPriority<usize>) -> Self {
+        Admission {
+            levels: std::array::from_fn(|i| CachePadded::new(Bound::new(capacity.0[i]))),
+        }
+    }
+
+    /// The bound of priority `p`.
+    #[inline]
+    pub(crate) fn level(&self, p: Priority) -> &Bound {
+        &self.levels[p.index()]
+    }
+}
+
+struct Level {
+    queue: SegQueue<QueuedTask>,
+    len: AtomicUsize,
+    skips: AtomicU32,
+}
+
+/// The queues of one capability or one agent, plus the agents idle on it.
+pub(crate) struct WorkGroup {
+    levels: [Level; Priority::COUNT],
+    /// Idle agents to wake, packed as `(agent index << 8) | position of this group in the
+    /// agent's group list`. Each agent appears at most once (see `AgentSlot::in_idle`).
+    idle: SegQueue<u64>,
+}
+
+impl WorkGroup {
+    pub(crate) fn new() -> Self {
+        WorkGroup {
+            levels: std::array::from_fn(|_| Level {
+                queue: SegQueue::new(),
+                len: AtomicUsize::new(0),
+                skips: AtomicU32::new(0),
+            }),
+            idle: SegQueue::new(),
+        }
+    }
+
+    /// Queues a task. The caller has reserved its slot in [`Admission`] and wakes an agent after.
+    #[inline]
+    pub(crate) fn push(&self, task: QueuedTask) {
+        let level = &self.levels[task.priority.index()];
+        level.queue.push(task);
+        level.len.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The most urgent non-empty level, if any.
+    #[inline]
+    pub(crate) fn first_nonempty(&self) -> Option<usize> {
+        self.levels
+            .iter()
+            .position(|l| l.len.load(Ordering::SeqCst) > 0)
+    }
+
+    /// True if no task is queued here.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first_nonempty().is_none()
+    }
+
+    /// Takes the next task by priority with the starvation guard.
+    pub(crate) fn pop(&self, limits: &PerPriority<u32>) -> Option<QueuedTask> {
+        loop {
+            let first = self.first_nonempty()?;
+            // A passed-over lower level that reached its limit goes first.
+            let chosen = (first + 1..Priority::COUNT)
+                .find(|&i| {
+                    self.levels[i].len.load(Ordering::Relaxed) > 0
+                        && self.levels[i].skips.load(Ordering::Relaxed) >= limits.0[i]
+                })
+                .unwrap_or(first);
+            let level = &self.levels[chosen];
+            let Some(task) = level.queue.pop() else {
+                // Another agent took it between the length check and the pop.
+                std::hint::spin_loop();
+                continue;
+            };
+            level.len.fetch_sub(1, Ordering::SeqCst);
+            level.skips.store(0, Ordering::Relaxed);
+            for lower in &self.levels[chosen + 1..] {
+                if lower.len.load(Ordering::Relaxed) > 0 {
+                    lower.skips.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Some(task);
+        }
+    }
+
+    /// Takes any queued task regardless of fairness (used to cancel everything at shutdown).
+    pub(crate) fn pop_any(&self) -> Option<QueuedTask> {
+        for level in &self.levels {
+            if let Some(task) = level.queue.pop() {
+                level.len.fetch_sub(1, Ordering::SeqCst);
+                return Some(task);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn push_idle(&self, agent: u32, position: u8) {
+        self.idle.push((u64::from(agent) << 8) | u64::from(position));
+    }
+
+    pub(crate) fn pop_idle(&self) -> Option<(u32, u8)> {
+        self.idle
+            .pop()
+            .map(|packed| ((packed >> 8) as u32, (packed & 0xff) as u8))
+    }
+}

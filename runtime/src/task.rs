@@ -1,0 +1,409 @@
+//! Tasks: what a caller submits, what an agent receives, and the one outcome each task ends with.
+//!
+//! A [`Task`] names a target (a capability, which every agent kind is, or one agent), a
+//! priority, a payload, an optional timeout and a retry policy. Submitting it returns a
+//! [`TaskHandle`]; the handle resolves to exactly one [`Outcome`]. That "exactly one" is held by
+//! [`Completion`], which travels with the task through queues and agents and, if it is ever
+//! dropped unanswered, answers `cancelled` itself.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::agent::AgentId;
+use crate::priority::Priority;
+
+/// Unique (per runtime) id of an accepted task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub u64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Who should run a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Any agent with this capability. Every agent kind is also a capability of its agents.
+    Capability(Cow<'static, str>),
+    /// Exactly this agent.
+    Agent(AgentId),
+}
+
+impl From<&'static str> for Target {
+    fn from(s: &'static str) -> Self {
+        Target::Capability(Cow::Borrowed(s))
+    }
+}
+
+impl From<String> for Target {
+    fn from(s: String) -> Self {
+        Target::Capability(Cow::Owned(s))
+    }
+}
+
+impl From<AgentId> for Target {
+    fn from(id: AgentId) -> Self {
+        Target::Agent(id)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Capability(c) => write!(f, "capability `{c}`"),
+            Target::Agent(a) => write!(f, "agent {a}"),
+        }
+    }
+}
+
+/// When a failed attempt is run again.
+///
+/// An attempt that ends in `error`, `timeout` or `panic` is retried while attempts remain; the
+/// task's outcome is that of its last attempt. Retries wait `backoff`, doubled per attempt and
+/// capped at `max_backoff`, then re-enter the queue of the same priority (they do not count
+/// against its capacity a second time: the task was already admitted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Total attempts, including the first. 1 means no retry.
+    pub max_attempts: u32,
+    /// Wait before the first retry.
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Upper bound on the wait between attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// No retries: one attempt.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        max_attempts: 1,
+        backoff: Duration::ZERO,
+        max_backoff: Duration::ZERO,
+    };
+
+    /// Up to `max_attempts` attempts with exponential backoff from `backoff`.
+    pub fn attempts(max_attempts: u32, backoff: Duration) -> Self {
+        RetryPolicy {
+            max_attempts,
+            backoff,
+            max_backoff: backoff.saturating_mul(64),
+        }
+    }
+
+    /// The wait before attempt number `next_attempt` (2 for the first retry).
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        let doublings = next_attempt.saturating_sub(2).min(31);
+        self.backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff.max(self.backoff))
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy::NONE
+    }
+}
+
+/// A task to submit. Build with [`Task::new`] and the chained setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use troupe::{Priority, RetryPolicy, Task};
+///
+/// let task = Task::new("summarize", "the text")
+///     .priority(Priority::High)
+///     .timeout(Duration::from_secs(2))
+///     .retry(RetryPolicy::attempts(3, Duration::from_millis(10)));
+/// assert_eq!(task.get_priority(), Priority::High);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub(crate) target: Target,
+    pub(crate) priority: Priority,
+    pub(crate) payload: Bytes,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) retry: RetryPolicy,
+}
+
+impl Task {
+    /// A normal-priority task for `target` carrying `payload`, with the runtime's default timeout.
+    pub fn new(target: impl Into<Target>, payload: impl Into<Bytes>) -> Self {
+        Task {
+            target: target.into(),
+            priority: Priority::Normal,
+            payload: payload.into(),
+            timeout: None,
+            deadline: None,
+            retry: RetryPolicy::NONE,
+        }
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Limits each attempt's handler time. Without it the runtime's `tasks.default_timeout`
+    /// applies.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// A point in time by which the task must have its outcome: if it is still queued then, it
+    /// ends as `timeout` without running; a running attempt is cut off there.
+    pub fn deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The task's priority.
+    pub fn get_priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The task's target.
+    pub fn get_target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The task's payload.
+    pub fn get_payload(&self) -> &Bytes {
+        &self.payload
+    }
+}
+
+/// What an agent's handler receives.
+#[derive(Debug, Clone)]
+pub struct TaskRequest {
+    /// The task's id.
+    pub id: TaskId,
+    /// Its priority.
+    pub priority: Priority,
+    /// Its payload.
+    pub payload: Bytes,
+    /// Which attempt this is, from 1.
+    pub attempt: u32,
+}
+
+/// An error returned by a handler. It becomes outcome `error` (after retries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskError(pub Cow<'static, str>);
+
+impl TaskError {
+    /// An error with this message.
+    pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
+        TaskError(message.into())
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+impl From<&'static str> for TaskError {
+    fn from(s: &'static str) -> Self {
+        TaskError(Cow::Borrowed(s))
+    }
+}
+
+impl From<String> for TaskError {
+    fn from(s: String) -> Self {
+        TaskError(Cow::Owned(s))
+    }
+}
+
+/// How a task ended. Every accepted task ends with exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", content = "detail", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The handler returned this output.
+    Ok(Bytes),
+    /// The handler returned an error.
+    Error(TaskError),
+    /// The attempt overran its timeout, or the deadline passed while the task was queued.
+    Timeout,
+    /// The handler panicked; the message is the panic payload. The agent was rebuilt.
+    Panic(String),
+    /// The task was cancelled, by shutdown past its drain deadline.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The outcome's kind, without its data.
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Ok(_) => OutcomeKind::Ok,
+            Outcome::Error(_) => OutcomeKind::Error,
+            Outcome::Timeout => OutcomeKind::Timeout,
+            Outcome::Panic(_) => OutcomeKind::Panic,
+            Outcome::Cancelled => OutcomeKind::Cancelled,
+        }
+    }
+
+    /// True for `Ok`.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok(_))
+    }
+}
+
+/// The kind of an [`Outcome`]; also the `outcome` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    /// See [`Outcome::Ok`].
+    Ok,
+    /// See [`Outcome::Error`].
+    Error,
+    /// See [`Outcome::Timeout`].
+    Timeout,
+    /// See [`Outcome::Panic`].
+    Panic,
+    /// See [`Outcome::Cancelled`].
+    Cancelled,
+}
+
+impl OutcomeKind {
+    /// All kinds, in label order.
+    pub const ALL: [OutcomeKind; 5] = [
+        OutcomeKind::Ok,
+        OutcomeKind::Error,
+        OutcomeKind::Timeout,
+        OutcomeKind::Panic,
+        OutcomeKind::Cancelled,
+    ];
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Ok => "ok",
+            OutcomeKind::Error => "error",
+            OutcomeKind::Timeout => "timeout",
+            OutcomeKind::Panic => "panic",
+            OutcomeKind::Cancelled => "cancelled",
+        }
+    }
+
+    /// Position in [`OutcomeKind::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for OutcomeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Resolves to the task's outcome. Dropping the handle does not cancel the task: it runs and its
+/// outcome is still counted.
+#[derive(Debug)]
+pub struct TaskHandle {
+    id: TaskId,
+    rx: oneshot::Receiver<Outcome>,
+}
+
+impl TaskHandle {
+    pub(crate) fn new(id: TaskId, rx: oneshot::Receiver<Outcome>) -> Self {
+        TaskHandle { id, rx }
+    }
+
+    /// The task's id.
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+
+    /// The outcome if the task has finished, without waiting.
+    pub fn try_outcome(&mut self) -> Option<Outcome> {
+        match self.rx.try_recv() {
+            Ok(o) => Some(o),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Outcome::Cancelled),
+        }
+    }
+}
+
+impl Future for TaskHandle {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        // The sender is only ever dropped after sending (see `Completion`), so a closed channel
+        // cannot happen; map it to `Cancelled` rather than panic.
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Outcome::Cancelled))
+    }
+}
+
+/// The answering end of a task: sends its one outcome. Dropped unanswered (which only happens if
+/// the runtime itself is dropped without a shutdown), it answers `Cancelled`.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    tx: Option<oneshot::Sender<Outcome>>,
+}
+
+impl Completion {
+    pub(crate) fn new(tx: Option<oneshot::Sender<Outcome>>) -> Self {
+        Completion { tx }
+    }
+
+    pub(crate) fn send(mut self, outcome: Outcome) {
+        if let Some(tx) = self.tx.take() {
+            // The receiver may be gone (the caller dropped its handle); the outcome is still
+            // counted by the caller of `send`.
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Outcome::Cancelled);
+        }
+    }
+}
+
+/// An accepted task on its way through queues and agents.
+#[derive(Debug)]
+pub(crate) struct QueuedTask {
+    pub(crate) id: TaskId,
+    pub(crate) priority: Priority,
+    pub(crate) payload: Bytes,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) attempt: u32,
+    pub(crate) submitted_at: Instant,
+    pub(crate) enqueued_at: Instant,
+    /// Index of the work group it was queued on (retries go back there).
+    pub(crate) group: u32,
+    pub(crate) completion: Completion,
+}

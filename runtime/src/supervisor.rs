@@ -132,7 +132,7 @@ impl TierSupervisor {
             pending: VecDeque::new(),
         };
         for pos in 0..children {
-            sup.start_child(pos, None, Duration::ZERO);
+            sup.start_child(pos, None, Duration::ZERO, None);
         }
         tokio::spawn(sup.run());
     }
@@ -148,12 +148,26 @@ impl TierSupervisor {
             .position(|&c| c == index)
     }
 
-    fn start_child(&mut self, pos: usize, cause: Option<ExitReason>, delay: Duration) {
+    fn start_child(
+        &mut self,
+        pos: usize,
+        cause: Option<ExitReason>,
+        delay: Duration,
+        started: Option<oneshot::Sender<()>>,
+    ) {
         let index = self.child_index(pos);
         let slot = &self.shared.agents[index as usize];
         slot.stop.store(false, Ordering::Release);
         let spawn = self.shared.spawner_for(index);
-        let fut = spawn(self.shared.clone(), Start { index, cause, delay });
+        let fut = spawn(
+            self.shared.clone(),
+            Start {
+                index,
+                cause,
+                delay,
+                started,
+            },
+        );
         let tx = self.exits_tx.clone();
         self.alive[pos] = true;
         tokio::spawn(async move {
@@ -204,6 +218,7 @@ impl TierSupervisor {
             slot.set_state(AgentState::Stopped);
             return;
         }
+        slot.set_state(AgentState::Restarting);
         tracing::warn!(
             agent = exit.index,
             tier = %tier.config.name,
@@ -238,21 +253,39 @@ impl TierSupervisor {
         if last > pos || first < pos {
             self.stop_range_except(first, pos).await;
         }
+        if first == last {
+            let delay = self.backoff(pos, now);
+            self.count_restart(pos);
+            self.start_child(pos, Some(exit.reason), delay, None);
+            return;
+        }
+        // Several children: one backoff for the group, then start them one by one in order,
+        // each after the previous has started, as they were started the first time.
+        let delay = self.backoff(pos, now);
+        for p in first..=last {
+            self.shared.agents[self.child_index(p) as usize].set_state(AgentState::Restarting);
+        }
+        tokio::time::sleep(delay).await;
         for p in first..=last {
             let cause = if p == pos {
                 exit.reason.clone()
             } else {
                 ExitReason::Stopped
             };
-            let delay = self.backoff(p, now);
-            self.shared.tiers[self.tier]
-                .restarts
-                .fetch_add(1, Ordering::Relaxed);
-            self.shared.agents[self.child_index(p) as usize]
-                .restarts
-                .fetch_add(1, Ordering::Relaxed);
-            self.start_child(p, Some(cause), delay);
+            self.count_restart(p);
+            let (tx, rx) = oneshot::channel();
+            self.start_child(p, Some(cause), Duration::ZERO, Some(tx));
+            let _ = rx.await;
         }
+    }
+
+    fn count_restart(&self, pos: usize) {
+        self.shared.tiers[self.tier]
+            .restarts
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared.agents[self.child_index(pos) as usize]
+            .restarts
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn backoff(&mut self, pos: usize, now: Instant) -> Duration {
@@ -313,14 +346,19 @@ impl TierSupervisor {
         tier.escalations.fetch_add(1, Ordering::Relaxed);
         tracing::error!(tier = %tier.config.name, %reason, "restart intensity exceeded; escalating to root");
         self.stop_range(0).await;
+        for &child in &tier.children {
+            shared.agents[child as usize].set_state(AgentState::Stopped);
+        }
         // Exits gathered while stopping belong to children that are now down anyway.
         self.pending.clear();
         self.window.clear();
         let restart = shared.root_allows_restart(self.tier, reason);
         if restart {
             for pos in 0..self.alive.len() {
-                tier.restarts.fetch_add(1, Ordering::Relaxed);
-                self.start_child(pos, Some(reason.clone()), Duration::ZERO);
+                self.count_restart(pos);
+                let (tx, rx) = oneshot::channel();
+                self.start_child(pos, Some(reason.clone()), Duration::ZERO, Some(tx));
+                let _ = rx.await;
             }
         } else {
             tier.failed.store(true, Ordering::Release);

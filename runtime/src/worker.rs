@@ -32,6 +32,8 @@ pub(crate) struct Start {
     pub(crate) cause: Option<ExitReason>,
     /// Backoff before building.
     pub(crate) delay: std::time::Duration,
+    /// Fired once the agent has started (dropped unfired if it fails to).
+    pub(crate) started: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Runs one incarnation of agent `start.index` and returns why it ended.
@@ -75,6 +77,9 @@ pub(crate) async fn run<F: AgentFactory>(
     shared.tiers[slot.tier].startup.record(elapsed_ns(began));
     slot.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     slot.set_state(AgentState::Running);
+    if let Some(started) = start.started {
+        let _ = started.send(());
+    }
 
     let exit = serve(&mut agent, &ctx, &shared, slot).await;
     if exit == ExitReason::Stopped {

@@ -98,7 +98,7 @@ pub struct Message {
 impl Message {
     /// True if the sender waits for a reply (return it from `on_message`).
     pub fn is_request(&self) -> bool {
-        self.reply.is_some()
+        self.kind == MessageKind::Request
     }
 
     /// How the message was sent.

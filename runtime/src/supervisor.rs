@@ -93,6 +93,8 @@ pub(crate) enum Control {
 
 struct Exit {
     index: u32,
+    /// Which incarnation of the child exited; exits of replaced incarnations are ignored.
+    generation: u64,
     reason: ExitReason,
 }
 
@@ -107,6 +109,8 @@ pub(crate) struct TierSupervisor {
     /// Per-child recent restart times, for backoff.
     child_window: Vec<VecDeque<Instant>>,
     alive: Vec<bool>,
+    /// Current incarnation number per child.
+    generation: Vec<u64>,
     /// Exits that arrived while waiting for other children to stop.
     pending: VecDeque<Exit>,
 }
@@ -129,6 +133,7 @@ impl TierSupervisor {
             window: VecDeque::new(),
             child_window: vec![VecDeque::new(); children],
             alive: vec![false; children],
+            generation: vec![0; children],
             pending: VecDeque::new(),
         };
         for pos in 0..children {
@@ -170,13 +175,19 @@ impl TierSupervisor {
         );
         let tx = self.exits_tx.clone();
         self.alive[pos] = true;
+        self.generation[pos] += 1;
+        let generation = self.generation[pos];
         tokio::spawn(async move {
             // A panic outside a handler (a hook, or the runtime itself) still reports an exit.
             let reason = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(r) => r,
                 Err(p) => ExitReason::Panicked(panic_message(p.as_ref())),
             };
-            let _ = tx.send(Exit { index, reason });
+            let _ = tx.send(Exit {
+                index,
+                generation,
+                reason,
+            });
         });
     }
 
@@ -207,13 +218,16 @@ impl TierSupervisor {
         let Some(pos) = self.position_of(exit.index) else {
             return;
         };
+        if exit.generation != self.generation[pos] || !self.alive[pos] {
+            return;
+        }
         self.alive[pos] = false;
         let slot = &self.shared.agents[exit.index as usize];
         let tier = &self.shared.tiers[self.tier];
         let never_started = slot.starts.load(Ordering::Relaxed) == 0;
+        // Restarts continue while shutdown drains: queued work still needs agents.
         let restart = tier.config.restart.restarts_after(&exit.reason)
-            && !(never_started && matches!(exit.reason, ExitReason::StartFailed(_)))
-            && !self.shared.is_closed();
+            && !(never_started && matches!(exit.reason, ExitReason::StartFailed(_)));
         if !restart {
             slot.set_state(AgentState::Stopped);
             return;
@@ -329,8 +343,20 @@ impl TierSupervisor {
         let slot = &self.shared.agents[index as usize];
         slot.stop.store(true, Ordering::Release);
         slot.signal.force_wake();
+        let generation = self.generation[pos];
+        let already = self
+            .pending
+            .iter()
+            .position(|e| e.index == index && e.generation == generation);
+        if let Some(i) = already {
+            // It exited on its own while we were stopping a sibling.
+            self.pending.remove(i);
+            self.alive[pos] = false;
+            slot.set_state(AgentState::Stopped);
+            return;
+        }
         while let Some(exit) = self.exits.recv().await {
-            if exit.index == index {
+            if exit.index == index && exit.generation == generation {
                 break;
             }
             // Another child exited meanwhile: handle it once this stop is done.

@@ -133,7 +133,10 @@ fn record_into(slot: &mut Option<Histogram<u64>>, nanos: u64) {
         *slot = new_histogram();
     }
     if let Some(h) = slot.as_mut() {
-        h.saturating_record(nanos.max(1));
+        // `record` grows an auto-resizing histogram; `saturating_record` would clamp instead.
+        if h.record(nanos.max(1)).is_err() {
+            h.saturating_record(nanos.max(1));
+        }
     }
 }
 

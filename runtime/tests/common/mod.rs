@@ -85,8 +85,28 @@ impl Agent for Scripted {
     }
 }
 
+/// Keeps the deliberate panics of the test agents out of the test output; any other panic is
+/// still printed by the default hook.
+pub fn quiet_scripted_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .copied()
+                .unwrap_or_default();
+            if msg != "scripted panic" && msg != "message panic" {
+                default(info);
+            }
+        }));
+    });
+}
+
 /// Starts a runtime with every kind in `config` served by [`Scripted`].
 pub async fn start(config: RuntimeConfig) -> (Runtime, Events) {
+    quiet_scripted_panics();
     let events = Events::default();
     let mut builder = Runtime::builder(config.clone());
     let mut kinds: Vec<String> = config

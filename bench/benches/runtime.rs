@@ -1,1 +1,143 @@
-fn main() {}
+//! Troupe's own benchmarks: bus throughput across 928 agents (direct and publish), no-op tasks
+//! submit → outcome, and pool start-up. Figures and how to read them: bench/README.md.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use troupe::{AgentId, Priority, Task};
+use troupe_bench::{FIN, start};
+
+const AGENTS: usize = 928;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn bus(c: &mut Criterion) {
+    let rt = runtime();
+    let pool = rt.block_on(start(AGENTS));
+    let bus = pool.runtime.bus();
+    let payload = Bytes::from_static(b"m");
+    let fin = Bytes::from_static(FIN);
+
+    // Direct: `per_agent` messages to each of the 928 agents, then a fin to each.
+    let per_agent = 64u64;
+    let mut g = c.benchmark_group("bus");
+    g.throughput(Throughput::Elements(per_agent * AGENTS as u64));
+    g.bench_function(BenchmarkId::new("direct", AGENTS), |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (bus, payload, fin, pool) = (&bus, &payload, &fin, &pool);
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..per_agent {
+                        for a in 0..AGENTS as u32 {
+                            while bus.try_send(AgentId(a), payload.clone()).is_err() {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                    }
+                    for a in 0..AGENTS as u32 {
+                        while bus.try_send(AgentId(a), fin.clone()).is_err() {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    pool.wait_done(AGENTS as u64).await;
+                }
+                start.elapsed()
+            }
+        })
+    });
+
+    // Publish: one topic, 928 subscribers, `per_agent` publications then a fin.
+    let topic = bus.topic("bench");
+    for a in 0..AGENTS as u32 {
+        bus.subscribe("bench", AgentId(a)).expect("subscribe");
+    }
+    g.bench_function(BenchmarkId::new("publish", AGENTS), |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (topic, payload, fin, pool) = (&topic, &payload, &fin, &pool);
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..per_agent {
+                        // Retry until every subscriber took it, so each iteration delivers the
+                        // same number of messages.
+                        let mut report = topic.try_publish(payload.clone()).expect("publish");
+                        while report.dropped > 0 {
+                            tokio::task::yield_now().await;
+                            report = topic.try_publish(payload.clone()).expect("publish");
+                        }
+                    }
+                    topic.publish(fin.clone()).await.expect("publish fin");
+                    pool.wait_done(AGENTS as u64).await;
+                }
+                start.elapsed()
+            }
+        })
+    });
+    g.finish();
+    let runtime = pool.runtime;
+    rt.block_on(runtime.shutdown());
+}
+
+fn tasks(c: &mut Criterion) {
+    let rt = runtime();
+    let pool = rt.block_on(start(AGENTS));
+    let handle = pool.runtime.handle();
+    let window = 10_000u64;
+    let mut g = c.benchmark_group("tasks");
+    g.throughput(Throughput::Elements(window));
+    g.bench_function(BenchmarkId::new("noop_submit_to_outcome", AGENTS), |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let handle = &handle;
+            async move {
+                let mut handles = Vec::with_capacity(window as usize);
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for i in 0..window {
+                        let p = Priority::ALL[(i % 5) as usize];
+                        let task = Task::new("noop", Bytes::from_static(b"x")).priority(p);
+                        handles.push(handle.try_submit(task).expect("admitted"));
+                    }
+                    for h in handles.drain(..) {
+                        assert!(h.await.is_ok());
+                    }
+                }
+                start.elapsed()
+            }
+        })
+    });
+    g.finish();
+    rt.block_on(pool.runtime.shutdown());
+}
+
+fn startup(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("startup");
+    g.sample_size(20).measurement_time(Duration::from_secs(5));
+    g.bench_function(BenchmarkId::new("pool_ready", AGENTS), |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let pool = start_pool().await;
+                total += start.elapsed();
+                pool.runtime.shutdown().await;
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+async fn start_pool() -> troupe_bench::Pool {
+    start(AGENTS).await
+}
+
+criterion_group!(benches, bus, tasks, startup);
+criterion_main!(benches);

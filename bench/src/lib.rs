@@ -1,1 +1,78 @@
-//! Shared helpers for the Troupe benchmarks.
+//! Shared pieces for Troupe's benchmarks: a no-op agent that counts bus messages, and a helper
+//! that starts a pool of it.
+//!
+//! The agent reports the end of a burst when it receives a `fin` message; mailboxes are FIFO,
+//! so by then it has handled everything sent to it before. That lets a bench wait for delivery
+//! with one atomic increment per agent per burst instead of one per message.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use troupe::{
+    Agent, AgentContext, AgentSpec, Message, Runtime, RuntimeConfig, TaskError, TaskRequest,
+    TierConfig,
+};
+
+/// The payload that ends a burst.
+pub const FIN: &[u8] = b"fin";
+
+/// Echoes tasks; counts `fin` messages into a shared counter.
+pub struct NoOp {
+    done: Arc<AtomicU64>,
+}
+
+impl Agent for NoOp {
+    async fn handle(&mut self, task: TaskRequest, _: &AgentContext) -> Result<Bytes, TaskError> {
+        Ok(task.payload)
+    }
+
+    async fn on_message(&mut self, msg: Message, _: &AgentContext) -> Option<Bytes> {
+        if &msg.payload[..] == FIN {
+            self.done.fetch_add(1, Ordering::Release);
+        }
+        msg.is_request().then_some(msg.payload)
+    }
+}
+
+/// A started pool of `agents` [`NoOp`] agents (kind `noop`) and its burst counter.
+pub struct Pool {
+    /// The runtime.
+    pub runtime: Runtime,
+    /// Incremented by each agent on `fin`.
+    pub done: Arc<AtomicU64>,
+}
+
+/// The default tier layout scaled to `agents` (all 928 when `agents == 928`).
+pub fn config(agents: usize) -> RuntimeConfig {
+    let mut config = RuntimeConfig {
+        max_agents: agents.max(troupe::DEFAULT_MAX_AGENTS),
+        ..RuntimeConfig::default()
+    };
+    // Queues sized so a benchmark window never hits the bound.
+    config.queues.capacity = troupe::PerPriority([1 << 20; 5]);
+    config.tasks.default_timeout = None;
+    config.tier(TierConfig::new("bench").agents("noop", agents))
+}
+
+/// Starts `agents` no-op agents.
+pub async fn start(agents: usize) -> Pool {
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let runtime = Runtime::builder(config(agents))
+        .register("noop", move |_: &AgentSpec| NoOp { done: d.clone() })
+        .start()
+        .await
+        .expect("bench pool starts");
+    Pool { runtime, done }
+}
+
+impl Pool {
+    /// Waits (spinning with yields) until `n` agents have seen `fin` since the last reset.
+    pub async fn wait_done(&self, n: u64) {
+        while self.done.load(Ordering::Acquire) < n {
+            tokio::task::yield_now().await;
+        }
+        self.done.store(0, Ordering::Release);
+    }
+}

@@ -119,7 +119,10 @@ pub trait Agent: Send + 'static {
     }
 
     /// Runs once after the instance is built, before it takes any work.
-    fn on_start(&mut self, ctx: &AgentContext) -> impl Future<Output = Result<(), AgentError>> + Send {
+    fn on_start(
+        &mut self,
+        ctx: &AgentContext,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
         let _ = ctx;
         async { Ok(()) }
     }

@@ -21,10 +21,11 @@ use crate::error::BusError;
 use crate::runtime::Shared;
 
 /// What a send does when the recipient's mailbox is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "policy")]
 pub enum Overflow {
     /// Fail the send with [`BusError::MailboxFull`].
+    #[default]
     Reject,
     /// Drop the new message and count it in `troupe_bus_messages_dropped_total`.
     DropNewest,
@@ -34,12 +35,6 @@ pub enum Overflow {
         #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
-}
-
-impl Default for Overflow {
-    fn default() -> Self {
-        Overflow::Reject
-    }
 }
 
 /// Which bus operation produced a message; also the `kind` metric label.
@@ -309,7 +304,9 @@ impl Bus {
 
     /// Subscribes `agent` to `topic`. Subscribing twice is a no-op.
     pub fn subscribe(&self, topic: &str, agent: AgentId) -> Result<(), BusError> {
-        self.shared.slot(agent).ok_or(BusError::NoSuchAgent(agent))?;
+        self.shared
+            .slot(agent)
+            .ok_or(BusError::NoSuchAgent(agent))?;
         let t = self.topic(topic);
         t.inner.subscribers.rcu(|subs| {
             let mut subs = Vec::clone(subs);
@@ -323,7 +320,9 @@ impl Bus {
 
     /// Unsubscribes `agent` from `topic`. Unsubscribing a non-subscriber is a no-op.
     pub fn unsubscribe(&self, topic: &str, agent: AgentId) -> Result<(), BusError> {
-        self.shared.slot(agent).ok_or(BusError::NoSuchAgent(agent))?;
+        self.shared
+            .slot(agent)
+            .ok_or(BusError::NoSuchAgent(agent))?;
         if let Some(t) = self.shared.topics.get(topic) {
             t.subscribers.rcu(|subs| {
                 subs.iter()
@@ -361,7 +360,9 @@ impl Bus {
                 );
                 match self.deliver(AgentId(s), msg, overflow).await {
                     Ok(Delivery::Delivered) => report.delivered += 1,
-                    Ok(Delivery::Dropped) | Err(BusError::MailboxFull { .. }) => report.dropped += 1,
+                    Ok(Delivery::Dropped) | Err(BusError::MailboxFull { .. }) => {
+                        report.dropped += 1
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -371,7 +372,11 @@ impl Bus {
         }
     }
 
-    fn try_publish_inner(&self, topic: &TopicInner, payload: Bytes) -> Result<PublishReport, BusError> {
+    fn try_publish_inner(
+        &self,
+        topic: &TopicInner,
+        payload: Bytes,
+    ) -> Result<PublishReport, BusError> {
         self.check_open()?;
         let subs = topic.subscribers.load();
         let mut report = PublishReport::default();
@@ -398,7 +403,12 @@ impl Bus {
     }
 
     #[inline]
-    fn try_deliver(&self, to: AgentId, msg: Message, overflow: Overflow) -> Result<Delivery, BusError> {
+    fn try_deliver(
+        &self,
+        to: AgentId,
+        msg: Message,
+        overflow: Overflow,
+    ) -> Result<Delivery, BusError> {
         let t = &self.shared.telemetry;
         let Some(slot) = self.shared.slot(to) else {
             t.bus_dropped_no_such_agent.increment(1);
@@ -425,7 +435,12 @@ impl Bus {
         }
     }
 
-    async fn deliver(&self, to: AgentId, msg: Message, overflow: Overflow) -> Result<Delivery, BusError> {
+    async fn deliver(
+        &self,
+        to: AgentId,
+        msg: Message,
+        overflow: Overflow,
+    ) -> Result<Delivery, BusError> {
         let Overflow::Wait { timeout } = overflow else {
             return self.try_deliver(to, msg, overflow);
         };
@@ -434,7 +449,12 @@ impl Bus {
             t.bus_dropped_no_such_agent.increment(1);
             return Err(BusError::NoSuchAgent(to));
         };
-        match slot.mailbox.bound.reserve_until(Instant::now() + timeout).await {
+        match slot
+            .mailbox
+            .bound
+            .reserve_until(Instant::now() + timeout)
+            .await
+        {
             Ok(()) => {
                 t.bus_messages[msg.kind.index()].increment(1);
                 slot.mailbox.queue.push(msg);

@@ -323,7 +323,10 @@ impl RuntimeConfig {
             }
         }
         if self.mailbox.capacity == 0 {
-            return Err(ConfigError::invalid("mailbox.capacity", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "mailbox.capacity",
+                "must be at least 1",
+            ));
         }
         if self.tasks.default_timeout == Some(Duration::ZERO) {
             return Err(ConfigError::invalid(
@@ -335,7 +338,10 @@ impl RuntimeConfig {
         let mut names = HashSet::new();
         for (i, tier) in self.tiers.iter().enumerate() {
             if tier.name.trim().is_empty() {
-                return Err(ConfigError::invalid(format!("tiers[{i}].name"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("tiers[{i}].name"),
+                    "must not be empty",
+                ));
             }
             if !names.insert(tier.name.as_str()) {
                 return Err(ConfigError::invalid(
@@ -343,7 +349,10 @@ impl RuntimeConfig {
                     format!("duplicate tier name `{}`", tier.name),
                 ));
             }
-            check_period(&format!("tiers[{i}].intensity.period"), tier.intensity.period)?;
+            check_period(
+                &format!("tiers[{i}].intensity.period"),
+                tier.intensity.period,
+            )?;
             if tier.backoff.max < tier.backoff.initial {
                 return Err(ConfigError::invalid(
                     format!("tiers[{i}].backoff.max"),
@@ -473,9 +482,25 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_reference_config_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\nmax_agents")
+            .expect("README has the reference config")
+            + "```toml\n".len();
+        let len = readme[start..].find("```").expect("block ends");
+        let c = RuntimeConfig::from_toml_str(&readme[start..start + len]).unwrap();
+        assert_eq!(c.total_agents(), 635);
+        assert_eq!(c.tiers[0].agents[0].capabilities, ["reply"]);
+    }
+
+    #[test]
     fn unknown_fields_and_bad_types_are_parse_errors() {
         let e = RuntimeConfig::from_toml_str("max_agent = 3").unwrap_err();
-        assert!(matches!(e, ConfigError::Parse(ref m) if m.contains("max_agent")), "{e}");
+        assert!(
+            matches!(e, ConfigError::Parse(ref m) if m.contains("max_agent")),
+            "{e}"
+        );
         let e = RuntimeConfig::from_toml_str("[mailbox]\ncapacity = \"big\"").unwrap_err();
         assert!(matches!(e, ConfigError::Parse(_)), "{e}");
     }

@@ -61,6 +61,11 @@
 
 #![warn(missing_docs)]
 
+/// The README's code blocks, compiled and run as doc tests so the embedding guide stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 mod agent;
 mod bound;
 mod bus;

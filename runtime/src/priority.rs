@@ -13,7 +13,9 @@ use crate::error::ParsePriorityError;
 
 /// How urgent a task is. Declared from most to least urgent; `Ord` follows urgency, so
 /// `Priority::Critical < Priority::Background`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Served first; use for work whose delay costs money or safety.
@@ -21,17 +23,12 @@ pub enum Priority {
     /// Ahead of normal work.
     High,
     /// The default.
+    #[default]
     Normal,
     /// Behind normal work, still guaranteed a share.
     Low,
     /// Whatever capacity is left, plus a guaranteed minimum share.
     Background,
-}
-
-impl Default for Priority {
-    fn default() -> Self {
-        Priority::Normal
-    }
 }
 
 impl Priority {
@@ -173,7 +170,13 @@ impl<T: Serialize + Clone> Serialize for PerPriority<T> {
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for PerPriority<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let r = PerPriorityRepr::<T>::deserialize(d)?;
-        Ok(PerPriority([r.critical, r.high, r.normal, r.low, r.background]))
+        Ok(PerPriority([
+            r.critical,
+            r.high,
+            r.normal,
+            r.low,
+            r.background,
+        ]))
     }
 }
 

@@ -135,7 +135,8 @@ impl WorkGroup {
     }
 
     pub(crate) fn push_idle(&self, agent: u32, position: u8) {
-        self.idle.push((u64::from(agent) << 8) | u64::from(position));
+        self.idle
+            .push((u64::from(agent) << 8) | u64::from(position));
     }
 
     pub(crate) fn pop_idle(&self) -> Option<(u32, u8)> {

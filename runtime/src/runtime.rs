@@ -5,6 +5,10 @@
 //! dereferences to a [`RuntimeHandle`], the cheap, cloneable handle used to submit tasks, reach
 //! the bus and read health and stats. [`Runtime::shutdown`] drains, cancels and stops.
 
+// A refused submission hands the task back by value inside `Rejected`: boxing it would put an
+// allocation on the overload path, exactly where the runtime must stay cheap.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -22,7 +26,7 @@ use crate::config::RuntimeConfig;
 use crate::error::{ConfigError, Rejected, StartError, SubmitError};
 use crate::priority::Priority;
 use crate::queue::{Admission, WorkGroup};
-use crate::slot::{AgentSlot, AgentState};
+use crate::slot::AgentSlot;
 use crate::supervisor::{Control, RootState, SpawnFn, TierState, TierSupervisor};
 use crate::task::{Completion, Outcome, QueuedTask, Target, Task, TaskHandle, TaskId};
 use crate::telemetry::{StripedCounter, Telemetry};
@@ -50,6 +54,11 @@ pub(crate) struct Shared {
     /// Entered / left the admission critical section; equal sums mean no admission in flight.
     admit_enter: StripedCounter,
     admit_exit: StripedCounter,
+    /// Agents whose first start has not finished yet; `starts_done` fires when it reaches 0.
+    pub(crate) pending_starts: std::sync::atomic::AtomicUsize,
+    pub(crate) starts_done: tokio::sync::Notify,
+    /// The first agent that failed its first start, and why.
+    pub(crate) start_failure: Mutex<Option<(u32, String)>>,
     /// Lets a retry timer keep the runtime alive without threading an `Arc` everywhere.
     self_ref: std::sync::Weak<Shared>,
 }
@@ -109,6 +118,17 @@ impl Shared {
         )
     }
 
+    /// Counts one agent's first start as finished (`failure` says why it did not succeed).
+    pub(crate) fn first_start_finished(&self, index: u32, failure: Option<String>) {
+        if let Some(reason) = failure {
+            let mut f = self.start_failure.lock().unwrap_or_else(|p| p.into_inner());
+            f.get_or_insert((index, reason));
+        }
+        if self.pending_starts.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.starts_done.notify_one();
+        }
+    }
+
     /// Records the outcome and answers the task's handle.
     #[inline]
     pub(crate) fn finish(&self, task: QueuedTask, outcome: Outcome) {
@@ -131,7 +151,10 @@ impl Shared {
             self.requeue(task);
             return;
         }
-        match (tokio::runtime::Handle::try_current(), self.self_ref.upgrade()) {
+        match (
+            tokio::runtime::Handle::try_current(),
+            self.self_ref.upgrade(),
+        ) {
             (Ok(handle), Some(shared)) => {
                 handle.spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -375,9 +398,8 @@ impl RuntimeBuilder {
     /// Registers the factory for agent kind `kind`. Registering a kind twice replaces it.
     pub fn register<F: AgentFactory>(mut self, kind: impl Into<String>, factory: F) -> Self {
         let factory = Arc::new(factory);
-        let spawn: SpawnFn = Arc::new(move |shared, start| {
-            worker::run(factory.clone(), shared, start).boxed()
-        });
+        let spawn: SpawnFn =
+            Arc::new(move |shared, start| worker::run(factory.clone(), shared, start).boxed());
         self.spawners.insert(kind.into(), spawn);
         self
     }
@@ -424,7 +446,8 @@ impl RuntimeBuilder {
             let tier_name: Arc<str> = Arc::from(tier.name.as_str());
             let mut children = Vec::new();
             for group in &tier.agents {
-                let kind: Arc<str> = capability_names[capability_index[&group.kind] as usize].clone();
+                let kind: Arc<str> =
+                    capability_names[capability_index[&group.kind] as usize].clone();
                 let mut caps: Vec<Arc<str>> = vec![kind.clone()];
                 for c in &group.capabilities {
                     let name = &capability_names[capability_index[c] as usize];
@@ -475,6 +498,7 @@ impl RuntimeBuilder {
         // Own groups were pushed in agent order after the capability groups.
         debug_assert_eq!(groups.len(), capability_names.len() + agents.len());
 
+        let agent_count = agents.len();
         let shared = Arc::new_cyclic(|weak| Shared {
             admission: Admission::new(&config.queues.capacity),
             config,
@@ -489,6 +513,9 @@ impl RuntimeBuilder {
             phase: AtomicU8::new(RUNNING),
             admit_enter: StripedCounter::default(),
             admit_exit: StripedCounter::default(),
+            pending_starts: std::sync::atomic::AtomicUsize::new(agent_count),
+            starts_done: tokio::sync::Notify::new(),
+            start_failure: Mutex::new(None),
             self_ref: weak.clone(),
         });
 
@@ -502,27 +529,25 @@ impl RuntimeBuilder {
         };
         // Wait for every agent's first start to finish, successfully or not.
         loop {
-            let mut pending = false;
-            for slot in shared.agents.iter() {
-                match slot.state() {
-                    AgentState::Running => {}
-                    AgentState::Stopped if slot.starts.load(Ordering::Relaxed) == 0 => {
-                        let agent = slot.spec.id;
-                        let kind = slot.spec.kind.to_string();
-                        runtime.shutdown_with(Duration::ZERO).await;
-                        return Err(StartError::AgentStart {
-                            agent,
-                            kind,
-                            reason: "its factory or on_start hook failed".into(),
-                        });
-                    }
-                    _ => pending = true,
-                }
-            }
-            if !pending {
+            let notified = shared.starts_done.notified();
+            if shared.pending_starts.load(Ordering::Acquire) == 0 {
                 break;
             }
-            tokio::time::sleep(Duration::from_micros(200)).await;
+            notified.await;
+        }
+        let failure = shared
+            .start_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((index, reason)) = failure {
+            let kind = shared.agents[index as usize].spec.kind.to_string();
+            runtime.shutdown_with(Duration::ZERO).await;
+            return Err(StartError::AgentStart {
+                agent: AgentId(index),
+                kind,
+                reason,
+            });
         }
         Ok(runtime)
     }
@@ -650,4 +675,3 @@ impl Runtime {
             .sum()
     }
 }
-

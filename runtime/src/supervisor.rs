@@ -64,7 +64,8 @@ impl RestartPolicy {
     }
 }
 
-pub(crate) type SpawnFn = Arc<dyn Fn(Arc<Shared>, Start) -> BoxFuture<'static, ExitReason> + Send + Sync>;
+pub(crate) type SpawnFn =
+    Arc<dyn Fn(Arc<Shared>, Start) -> BoxFuture<'static, ExitReason> + Send + Sync>;
 
 /// Shared view of one tier, read by health and written by its supervisor.
 pub(crate) struct TierState {
@@ -224,10 +225,16 @@ impl TierSupervisor {
         self.alive[pos] = false;
         let slot = &self.shared.agents[exit.index as usize];
         let tier = &self.shared.tiers[self.tier];
-        let never_started = slot.starts.load(Ordering::Relaxed) == 0;
+        if slot.starts.load(Ordering::Acquire) == 0 {
+            // It never started: the pool cannot come up as configured. The builder reports it;
+            // retrying would only hide the error behind restarts.
+            slot.set_state(AgentState::Stopped);
+            self.shared
+                .first_start_finished(exit.index, Some(exit.reason.to_string()));
+            return;
+        }
         // Restarts continue while shutdown drains: queued work still needs agents.
-        let restart = tier.config.restart.restarts_after(&exit.reason)
-            && !(never_started && matches!(exit.reason, ExitReason::StartFailed(_)));
+        let restart = tier.config.restart.restarts_after(&exit.reason);
         if !restart {
             slot.set_state(AgentState::Stopped);
             return;

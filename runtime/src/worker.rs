@@ -75,8 +75,14 @@ pub(crate) async fn run<F: AgentFactory>(
         }
     }
     shared.tiers[slot.tier].startup.record(elapsed_ns(began));
-    slot.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     slot.set_state(AgentState::Running);
+    if slot
+        .starts
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+        == 0
+    {
+        shared.first_start_finished(index, None);
+    }
     if let Some(started) = start.started {
         let _ = started.send(());
     }

@@ -20,8 +20,14 @@ async fn direct_send_reaches_the_agent_and_unknown_agents_are_an_error() {
     let bus = rt.bus();
     assert_eq!(bus.send(AgentId(2), "hello").await, Ok(Delivery::Delivered));
     assert!(eventually(Duration::from_secs(1), || events.count("msg:2:hello") == 1).await);
-    assert_eq!(bus.send(AgentId(9), "x").await, Err(BusError::NoSuchAgent(AgentId(9))));
-    assert_eq!(bus.try_send(AgentId(9), "x"), Err(BusError::NoSuchAgent(AgentId(9))));
+    assert_eq!(
+        bus.send(AgentId(9), "x").await,
+        Err(BusError::NoSuchAgent(AgentId(9)))
+    );
+    assert_eq!(
+        bus.try_send(AgentId(9), "x"),
+        Err(BusError::NoSuchAgent(AgentId(9)))
+    );
     let stats = rt.stats().bus;
     assert_eq!(stats.direct, 1);
     assert_eq!(stats.dropped_no_such_agent, 2);
@@ -32,11 +38,15 @@ async fn direct_send_reaches_the_agent_and_unknown_agents_are_an_error() {
 async fn request_reply_and_its_timeout() {
     let (rt, _) = start(pool(2, 16)).await;
     let bus = rt.bus();
-    let reply = bus.request(AgentId(1), "ping", Duration::from_secs(1)).await;
+    let reply = bus
+        .request(AgentId(1), "ping", Duration::from_secs(1))
+        .await;
     assert_eq!(reply, Ok(Bytes::from("re:ping")));
     // Agent 0 spends 200 ms on a message; a request behind it with a 20 ms budget times out.
     bus.send(AgentId(0), "slow").await.unwrap();
-    let r = bus.request(AgentId(0), "late", Duration::from_millis(20)).await;
+    let r = bus
+        .request(AgentId(0), "late", Duration::from_millis(20))
+        .await;
     assert_eq!(
         r,
         Err(BusError::Timeout {
@@ -68,7 +78,10 @@ async fn topics_deliver_to_current_subscribers_only() {
     assert_eq!(events.count("msg:3:"), 0);
     // Nobody listens: nothing delivered, no error.
     assert_eq!(bus.publish("empty", "x").await.unwrap().delivered, 0);
-    assert_eq!(bus.subscribe("news", AgentId(40)), Err(BusError::NoSuchAgent(AgentId(40))));
+    assert_eq!(
+        bus.subscribe("news", AgentId(40)),
+        Err(BusError::NoSuchAgent(AgentId(40)))
+    );
     rt.shutdown().await;
 }
 
@@ -86,8 +99,14 @@ async fn a_full_mailbox_rejects_drops_or_waits_as_asked() {
         depth: 2,
         capacity: 2,
     };
-    assert_eq!(bus.send_with(AgentId(0), "m3", Overflow::Reject).await, Err(full.clone()));
-    assert_eq!(bus.send_with(AgentId(0), "m4", Overflow::DropNewest).await, Ok(Delivery::Dropped));
+    assert_eq!(
+        bus.send_with(AgentId(0), "m3", Overflow::Reject).await,
+        Err(full.clone())
+    );
+    assert_eq!(
+        bus.send_with(AgentId(0), "m4", Overflow::DropNewest).await,
+        Ok(Delivery::Dropped)
+    );
     let short = Overflow::Wait {
         timeout: Duration::from_millis(20),
     };
@@ -96,10 +115,17 @@ async fn a_full_mailbox_rejects_drops_or_waits_as_asked() {
     let long = Overflow::Wait {
         timeout: Duration::from_secs(5),
     };
-    assert_eq!(bus.send_with(AgentId(0), "m6", long).await, Ok(Delivery::Delivered));
+    assert_eq!(
+        bus.send_with(AgentId(0), "m6", long).await,
+        Ok(Delivery::Delivered)
+    );
     assert!(busy.await.is_ok());
     assert!(eventually(Duration::from_secs(1), || events.count("msg:0:") == 3).await);
-    let got: Vec<String> = events.all().into_iter().filter(|e| e.starts_with("msg:")).collect();
+    let got: Vec<String> = events
+        .all()
+        .into_iter()
+        .filter(|e| e.starts_with("msg:"))
+        .collect();
     assert_eq!(got, ["msg:0:m1", "msg:0:m2", "msg:0:m6"]);
     assert_eq!(rt.stats().bus.dropped_mailbox_full, 3);
     // Topics carry their own policy: drop-newest never fails the publisher.
@@ -151,6 +177,9 @@ async fn agents_talk_to_each_other_through_their_context() {
         .await
         .unwrap();
     let out = rt.try_submit(Task::new(AgentId(0), "hi")).unwrap().await;
-    assert_eq!(out, troupe::Outcome::Ok(Bytes::from("1 from Some(AgentId(0))")));
+    assert_eq!(
+        out,
+        troupe::Outcome::Ok(Bytes::from("1 from Some(AgentId(0))"))
+    );
     rt.shutdown().await;
 }

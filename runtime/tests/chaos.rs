@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::start;
 use troupe::{
-    AgentId, Outcome, OutcomeKind, Priority, RetryPolicy, RuntimeConfig, Strategy, Task,
-    TierConfig,
+    AgentId, Outcome, OutcomeKind, Priority, RetryPolicy, RuntimeConfig, Strategy, Task, TierConfig,
 };
 
 /// xorshift64*: deterministic, dependency-free randomness for a reproducible run.
@@ -30,12 +29,24 @@ impl Rng {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_task_is_lost_or_answered_twice_under_chaos() {
     let config = RuntimeConfig::default()
-        .tier(TierConfig::new("steady").agents("s", 16).strategy(Strategy::OneForOne)
-            .intensity(10_000, Duration::from_secs(60)))
-        .tier(TierConfig::new("group").agents("s", 16).strategy(Strategy::OneForAll)
-            .intensity(10_000, Duration::from_secs(60)))
-        .tier(TierConfig::new("chain").agents("s", 32).strategy(Strategy::RestForOne)
-            .intensity(10_000, Duration::from_secs(60)));
+        .tier(
+            TierConfig::new("steady")
+                .agents("s", 16)
+                .strategy(Strategy::OneForOne)
+                .intensity(10_000, Duration::from_secs(60)),
+        )
+        .tier(
+            TierConfig::new("group")
+                .agents("s", 16)
+                .strategy(Strategy::OneForAll)
+                .intensity(10_000, Duration::from_secs(60)),
+        )
+        .tier(
+            TierConfig::new("chain")
+                .agents("s", 32)
+                .strategy(Strategy::RestForOne)
+                .intensity(10_000, Duration::from_secs(60)),
+        );
     let (rt, _) = start(config).await;
     let bus = rt.bus();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -77,7 +88,12 @@ async fn no_task_is_lost_or_answered_twice_under_chaos() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let accepted = handles.len() as u64;
     let probe = rt.handle();
-    let report = match tokio::time::timeout(Duration::from_secs(30), rt.shutdown_with(Duration::from_millis(500))).await {
+    let report = match tokio::time::timeout(
+        Duration::from_secs(30),
+        rt.shutdown_with(Duration::from_millis(500)),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => panic!("shutdown hung; health: {:#?}", probe.health()),
     };
@@ -89,7 +105,9 @@ async fn no_task_is_lost_or_answered_twice_under_chaos() {
         let id = h.id();
         assert!(seen.insert(id), "task id {id} handed out twice");
         // Every handle is already resolved after shutdown.
-        let outcome = h.try_outcome().expect("every accepted task has an outcome after shutdown");
+        let outcome = h
+            .try_outcome()
+            .expect("every accepted task has an outcome after shutdown");
         by_kind[outcome.kind().index()] += 1;
         if let Outcome::Ok(b) = &outcome {
             assert!(!b.is_empty());

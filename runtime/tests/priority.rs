@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use troupe::{
-    Agent, AgentContext, AgentSpec, PerPriority, Priority, Runtime, RuntimeConfig, Task,
-    TaskError, TaskRequest, TierConfig,
+    Agent, AgentContext, AgentSpec, PerPriority, Priority, Runtime, RuntimeConfig, Task, TaskError,
+    TaskRequest, TierConfig,
 };
 
 /// Records the payload of every task it starts, in order; `block` waits for a gate.
@@ -19,7 +19,11 @@ impl Agent for Recorder {
     async fn handle(&mut self, task: TaskRequest, _: &AgentContext) -> Result<Bytes, TaskError> {
         let name = String::from_utf8_lossy(&task.payload).into_owned();
         if name == "block" {
-            let _permit = self.gate.acquire().await.map_err(|_| TaskError::new("gate closed"))?;
+            let _permit = self
+                .gate
+                .acquire()
+                .await
+                .map_err(|_| TaskError::new("gate closed"))?;
         } else {
             self.log.lock().unwrap().push(name);
         }
@@ -27,7 +31,13 @@ impl Agent for Recorder {
     }
 }
 
-async fn single_agent(limits: PerPriority<u32>) -> (Runtime, Arc<Mutex<Vec<String>>>, Arc<tokio::sync::Semaphore>) {
+async fn single_agent(
+    limits: PerPriority<u32>,
+) -> (
+    Runtime,
+    Arc<Mutex<Vec<String>>>,
+    Arc<tokio::sync::Semaphore>,
+) {
     let mut config = RuntimeConfig::default().tier(TierConfig::new("one").agents("rec", 1));
     config.queues.starvation_limit = limits;
     config.queues.capacity = PerPriority([20_000; 5]);
@@ -67,13 +77,12 @@ async fn a_critical_task_overtakes_ten_thousand_queued_low_tasks() {
     for h in handles {
         assert!(h.await.is_ok());
     }
-    let log = log.lock().unwrap();
+    let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 10_001);
     assert_eq!(log[0], "critical", "critical started after {:?}", &log[..3]);
     // The low tasks kept their FIFO order among themselves.
     assert_eq!(log[1], "low-0");
     assert_eq!(log[10_000], "low-9999");
-    drop(log);
     rt.shutdown().await;
 }
 
@@ -85,10 +94,19 @@ async fn mixed_run(limits: PerPriority<u32>) -> Vec<String> {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let mut handles = Vec::new();
     for i in 0..600 {
-        handles.push(rt.try_submit(Task::new("rec", format!("c{i}")).priority(Priority::Critical)).unwrap());
+        handles.push(
+            rt.try_submit(Task::new("rec", format!("c{i}")).priority(Priority::Critical))
+                .unwrap(),
+        );
         if i % 6 == 0 {
-            handles.push(rt.try_submit(Task::new("rec", format!("l{i}")).priority(Priority::Low)).unwrap());
-            handles.push(rt.try_submit(Task::new("rec", format!("b{i}")).priority(Priority::Background)).unwrap());
+            handles.push(
+                rt.try_submit(Task::new("rec", format!("l{i}")).priority(Priority::Low))
+                    .unwrap(),
+            );
+            handles.push(
+                rt.try_submit(Task::new("rec", format!("b{i}")).priority(Priority::Background))
+                    .unwrap(),
+            );
         }
     }
     gate.add_permits(1);
@@ -97,8 +115,7 @@ async fn mixed_run(limits: PerPriority<u32>) -> Vec<String> {
         assert!(h.await.is_ok());
     }
     rt.shutdown().await;
-    let log = log.lock().unwrap().clone();
-    log
+    log.lock().unwrap().clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,8 +126,14 @@ async fn lower_priorities_get_their_configured_share_under_sustained_load() {
     let lows = first.iter().filter(|n| n.starts_with('l')).count();
     let backgrounds = first.iter().filter(|n| n.starts_with('b')).count();
     // Every 4th pick is owed to low and every 8th to background (they overlap a little).
-    assert!(lows >= 35, "low got {lows} of the first 200 picks: {first:?}");
-    assert!(backgrounds >= 15, "background got {backgrounds} of the first 200 picks");
+    assert!(
+        lows >= 35,
+        "low got {lows} of the first 200 picks: {first:?}"
+    );
+    assert!(
+        backgrounds >= 15,
+        "background got {backgrounds} of the first 200 picks"
+    );
     assert!(first.iter().filter(|n| n.starts_with('c')).count() >= 100);
 }
 

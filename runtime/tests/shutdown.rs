@@ -14,7 +14,10 @@ async fn queued_and_running_tasks_finish_within_the_drain() {
         .map(|_| rt.try_submit(Task::new("s", "sleep:10")).unwrap())
         .collect();
     let report = rt.shutdown_with(Duration::from_secs(10)).await;
-    assert_eq!((report.drained, report.cancelled, report.abandoned), (40, 0, 0));
+    assert_eq!(
+        (report.drained, report.cancelled, report.abandoned),
+        (40, 0, 0)
+    );
     for h in handles {
         assert!(h.await.is_ok());
     }
@@ -31,7 +34,10 @@ async fn past_the_drain_deadline_the_rest_is_cancelled() {
         .map(|_| rt.try_submit(Task::new("s", "x")).unwrap())
         .collect();
     let report = rt.shutdown_with(Duration::from_millis(30)).await;
-    assert_eq!((report.drained, report.cancelled, report.abandoned), (0, 12, 0));
+    assert_eq!(
+        (report.drained, report.cancelled, report.abandoned),
+        (0, 12, 0)
+    );
     for h in running.into_iter().chain(queued) {
         assert_eq!(h.await, Outcome::Cancelled);
     }
@@ -59,11 +65,26 @@ async fn admission_closes_and_agents_stop_in_reverse_start_order() {
     assert_eq!(h.reasons, ["shutting down"]);
     stopping.await.unwrap();
     assert!(slow.await.is_ok());
-    let stops: Vec<String> = events.all().into_iter().filter(|e| e.starts_with("stop:")).collect();
+    let stops: Vec<String> = events
+        .all()
+        .into_iter()
+        .filter(|e| e.starts_with("stop:"))
+        .collect();
     assert_eq!(stops, ["stop:4", "stop:3", "stop:2", "stop:1", "stop:0"]);
-    assert_eq!(handle.health().tiers.iter().map(|t| t.agents.stopped).sum::<usize>(), 5);
+    assert_eq!(
+        handle
+            .health()
+            .tiers
+            .iter()
+            .map(|t| t.agents.stopped)
+            .sum::<usize>(),
+        5
+    );
     let s = handle.stats();
-    assert_eq!(s.priority(troupe::Priority::Normal).rejected.shutting_down, 2);
+    assert_eq!(
+        s.priority(troupe::Priority::Normal).rejected.shutting_down,
+        2
+    );
     assert_eq!(s.completed().total(), s.submitted());
     let _ = OutcomeKind::ALL;
 }

@@ -18,7 +18,10 @@ fn tier(n: usize, strategy: Strategy) -> TierConfig {
 }
 
 async fn crash(rt: &troupe::Runtime, agent: u32) {
-    let out = rt.try_submit(Task::new(AgentId(agent), "panic")).unwrap().await;
+    let out = rt
+        .try_submit(Task::new(AgentId(agent), "panic"))
+        .unwrap()
+        .await;
     assert!(matches!(out, Outcome::Panic(_)), "{out:?}");
 }
 
@@ -28,7 +31,12 @@ async fn one_for_one_rebuilds_only_the_crashed_agent() {
     // Agent 1 is mid-task while agent 2 crashes: it must not notice.
     let busy = rt.try_submit(Task::new(AgentId(1), "sleep:50")).unwrap();
     crash(&rt, 2).await;
-    assert!(eventually(Duration::from_secs(2), || events.count("restart:2:panicked: scripted panic") == 1).await);
+    assert!(
+        eventually(Duration::from_secs(2), || events
+            .count("restart:2:panicked: scripted panic")
+            == 1)
+        .await
+    );
     assert_eq!(busy.await, Outcome::Ok(Bytes::from("sleep:50")));
     assert_eq!(events.count("stop:"), 0);
     assert_eq!(events.count("restart:"), 1);
@@ -64,7 +72,10 @@ async fn rest_for_one_restarts_the_crashed_agent_and_those_started_after_it() {
     assert_eq!(stops, ["stop:3", "stop:2"]);
     let starts: Vec<&String> = after.iter().filter(|e| e.starts_with("start:")).collect();
     assert_eq!(starts, ["start:1", "start:2", "start:3"]);
-    assert!(!after.iter().any(|e| e.ends_with(":0")), "agent 0 untouched: {after:?}");
+    assert!(
+        !after.iter().any(|e| e.ends_with(":0")),
+        "agent 0 untouched: {after:?}"
+    );
     rt.shutdown().await;
 }
 
@@ -72,7 +83,11 @@ async fn rest_for_one_restarts_the_crashed_agent_and_those_started_after_it() {
 async fn temporary_children_stay_down_and_transient_ones_come_back() {
     let config = RuntimeConfig::default()
         .tier(tier(2, Strategy::OneForOne).restart(RestartPolicy::Temporary))
-        .tier(TierConfig::new("tr").agents("s", 2).restart(RestartPolicy::Transient));
+        .tier(
+            TierConfig::new("tr")
+                .agents("s", 2)
+                .restart(RestartPolicy::Transient),
+        );
     let (rt, events) = start(config).await;
     crash(&rt, 0).await;
     crash(&rt, 2).await;
@@ -98,7 +113,13 @@ async fn restarts_back_off_exponentially() {
     for _ in 0..3 {
         crash(&rt, 0).await;
         let t = Instant::now();
-        assert!(eventually(Duration::from_millis(50), || rt.health().tiers[0].agents.restarting == 1).await);
+        assert!(
+            eventually(Duration::from_millis(50), || rt.health().tiers[0]
+                .agents
+                .restarting
+                == 1)
+            .await
+        );
         let out = rt.try_submit(Task::new(AgentId(0), "x")).unwrap().await;
         assert!(out.is_ok());
         gaps.push(t.elapsed());
@@ -123,9 +144,19 @@ async fn a_restart_storm_escalates_to_the_root_which_restarts_the_tier_then_give
     // Three crashes within the period: the third exceeds max_restarts = 2.
     for _ in 0..3 {
         crash(&rt, 0).await;
-        assert!(eventually(Duration::from_secs(2), || rt.health().tiers[0].agents.running == 2).await);
+        assert!(
+            eventually(Duration::from_secs(2), || rt.health().tiers[0]
+                .agents
+                .running
+                == 2)
+            .await
+        );
     }
-    assert!(eventually(Duration::from_secs(2), || rt.health().tiers[0].escalations == 1).await);
+    assert!(
+        eventually(Duration::from_secs(2), || rt.health().tiers[0].escalations
+            == 1)
+        .await
+    );
     // The root restarted the whole tier: both agents, and the runtime is still ready.
     let h = rt.health();
     assert!(h.ready, "{:?}", h.reasons);
@@ -146,10 +177,19 @@ async fn a_restart_storm_escalates_to_the_root_which_restarts_the_tier_then_give
     assert!(h.tiers[0].failed);
     assert_eq!(h.tiers[0].agents.stopped, 2);
     assert_eq!(h.reasons.len(), 1);
-    assert!(h.reasons[0].contains("tier `t` exceeded its restart intensity"), "{:?}", h.reasons);
+    assert!(
+        h.reasons[0].contains("tier `t` exceeded its restart intensity"),
+        "{:?}",
+        h.reasons
+    );
     // The other tier is unaffected.
     assert_eq!(h.tiers[1].agents.running, 1);
-    assert!(rt.try_submit(Task::new(AgentId(2), "x")).unwrap().await.is_ok());
+    assert!(
+        rt.try_submit(Task::new(AgentId(2), "x"))
+            .unwrap()
+            .await
+            .is_ok()
+    );
     // Work queued for the dead tier is not lost: shutdown cancels it.
     let stranded = rt.try_submit(Task::new(AgentId(0), "x")).unwrap();
     let report = rt.shutdown_with(Duration::from_millis(20)).await;
@@ -172,7 +212,10 @@ async fn a_failing_factory_is_a_start_error() {
         .start()
         .await
         .unwrap_err();
-    assert!(matches!(err, troupe::StartError::AgentStart { ref kind, .. } if kind == "s"), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "agent 0 (kind `s`) failed to start: failed to start: no model weights"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +228,10 @@ async fn unknown_kinds_and_oversized_pools_are_config_errors_at_start() {
     );
     let config = RuntimeConfig::default().tier(TierConfig::new("t").agents("s", 929));
     let err = troupe::Runtime::builder(config)
-        .register("s", |_: &troupe::AgentSpec| common::Scripted { id: 0, events: Default::default() })
+        .register("s", |_: &troupe::AgentSpec| common::Scripted {
+            id: 0,
+            events: Default::default(),
+        })
         .start()
         .await
         .unwrap_err();

@@ -19,10 +19,8 @@ fn pool(n: usize) -> RuntimeConfig {
 async fn each_outcome_kind_is_reported() {
     let (rt, _) = start(pool(4)).await;
     let run = |payload: &'static str| {
-        let h = rt
-            .try_submit(Task::new("s", payload).timeout(Duration::from_millis(50)))
-            .unwrap();
-        async move { h.await }
+        rt.try_submit(Task::new("s", payload).timeout(Duration::from_millis(50)))
+            .unwrap()
     };
     assert_eq!(run("hi").await, Outcome::Ok(Bytes::from("hi")));
     assert!(matches!(run("error").await, Outcome::Error(e) if e.0 == "scripted error"));
@@ -34,7 +32,12 @@ async fn each_outcome_kind_is_reported() {
     let n = stats.priority(Priority::Normal);
     assert_eq!(n.submitted, 5);
     assert_eq!(
-        (n.completed.ok, n.completed.error, n.completed.timeout, n.completed.panic),
+        (
+            n.completed.ok,
+            n.completed.error,
+            n.completed.timeout,
+            n.completed.panic
+        ),
         (2, 1, 1, 1)
     );
     rt.shutdown().await;
@@ -45,7 +48,9 @@ async fn retries_run_again_and_report_the_last_attempt() {
     let (rt, _) = start(pool(2)).await;
     let started = Instant::now();
     let h = rt
-        .try_submit(Task::new("s", "error").retry(RetryPolicy::attempts(3, Duration::from_millis(5))))
+        .try_submit(
+            Task::new("s", "error").retry(RetryPolicy::attempts(3, Duration::from_millis(5))),
+        )
         .unwrap();
     assert!(matches!(h.await, Outcome::Error(_)));
     // Two backoffs: 5 ms then 10 ms.
@@ -116,15 +121,23 @@ async fn a_full_queue_refuses_at_once_and_says_how_full() {
             capacity: 3
         }
     );
-    assert_eq!(r.error.to_string(), "the normal queue is full (3 of 3 tasks queued)");
+    assert_eq!(
+        r.error.to_string(),
+        "the normal queue is full (3 of 3 tasks queued)"
+    );
     // Another priority has its own bound.
-    let other = rt.try_submit(Task::new("s", "hi").priority(Priority::High)).unwrap();
+    let other = rt
+        .try_submit(Task::new("s", "hi").priority(Priority::High))
+        .unwrap();
     // Memory does not grow with overload: a burst of refusals leaves depth at capacity.
     for _ in 0..1000 {
         assert!(rt.try_submit(Task::new("s", "x")).is_err());
     }
     assert_eq!(rt.health().queues[Priority::Normal.index()].depth, 3);
-    assert_eq!(rt.stats().priority(Priority::Normal).rejected.queue_full, 1001);
+    assert_eq!(
+        rt.stats().priority(Priority::Normal).rejected.queue_full,
+        1001
+    );
     assert!(busy.await.is_ok());
     for h in queued {
         assert!(h.await.is_ok());
@@ -146,7 +159,14 @@ async fn submit_waits_for_room_up_to_its_limit() {
         .submit(Task::new("s", "x"), Duration::from_millis(10))
         .await
         .unwrap_err();
-    assert!(matches!(r.error, SubmitError::QueueFull { depth: 1, capacity: 1, .. }));
+    assert!(matches!(
+        r.error,
+        SubmitError::QueueFull {
+            depth: 1,
+            capacity: 1,
+            ..
+        }
+    ));
     // Long enough: admitted once the agent takes `second` off the queue.
     let third = rt
         .submit(Task::new("s", "third"), Duration::from_secs(5))
@@ -181,7 +201,11 @@ async fn io_bound_agents_do_not_block_each_other() {
         assert!(h.await.is_ok());
     }
     // Generous bound for a noisy CI machine: what matters is "not serial".
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     rt.shutdown().await;
 }
 
@@ -194,7 +218,9 @@ async fn capabilities_route_to_agents_that_have_them() {
     let (rt, _) = start(config).await;
     for _ in 0..20 {
         let out = rt.try_submit(Task::new("translate", "who")).unwrap().await;
-        let Outcome::Ok(id) = out else { panic!("{out:?}") };
+        let Outcome::Ok(id) = out else {
+            panic!("{out:?}")
+        };
         assert!(matches!(&id[..], b"2" | b"3"), "{id:?}");
     }
     rt.shutdown().await;

@@ -56,7 +56,11 @@ impl Agent for Scripted {
     }
 
     async fn on_message(&mut self, msg: Message, ctx: &AgentContext) -> Option<Bytes> {
-        self.events.push(format!("msg:{}:{}", ctx.id(), String::from_utf8_lossy(&msg.payload)));
+        self.events.push(format!(
+            "msg:{}:{}",
+            ctx.id(),
+            String::from_utf8_lossy(&msg.payload)
+        ));
         if &msg.payload[..] == b"panic" {
             panic!("message panic");
         }
@@ -75,7 +79,11 @@ impl Agent for Scripted {
         Ok(())
     }
 
-    async fn on_restart(&mut self, _ctx: &AgentContext, cause: &ExitReason) -> Result<(), troupe::AgentError> {
+    async fn on_restart(
+        &mut self,
+        _ctx: &AgentContext,
+        cause: &ExitReason,
+    ) -> Result<(), troupe::AgentError> {
         self.events.push(format!("restart:{}:{}", self.id, cause));
         Ok(())
     }

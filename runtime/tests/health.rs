@@ -1,0 +1,93 @@
+//! Health and stats snapshots on a full 928-agent pool.
+
+mod common;
+
+use std::time::Duration;
+
+use common::start;
+use troupe::{Priority, RuntimeConfig, Task, TierConfig};
+
+fn pool_928() -> RuntimeConfig {
+    [
+        ("cecca", 3),
+        ("board", 15),
+        ("executive", 25),
+        ("stack_chief", 50),
+        ("specialist", 200),
+        ("micro", 635),
+    ]
+    .into_iter()
+    .fold(RuntimeConfig::default(), |c, (name, n)| {
+        c.tier(TierConfig::new(name).agents("s", n))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_every_tier_queue_and_readiness() {
+    let (rt, _) = start(pool_928()).await;
+    let h = rt.health();
+    assert!(h.ready);
+    assert!(h.reasons.is_empty());
+    assert_eq!((h.agents, h.max_agents), (928, 928));
+    let per_tier: Vec<(String, usize)> = h
+        .tiers
+        .iter()
+        .map(|t| (t.name.clone(), t.agents.running))
+        .collect();
+    assert_eq!(
+        per_tier,
+        [
+            ("cecca", 3),
+            ("board", 15),
+            ("executive", 25),
+            ("stack_chief", 50),
+            ("specialist", 200),
+            ("micro", 635)
+        ]
+        .map(|(n, c)| (n.to_string(), c))
+    );
+    assert_eq!(h.tiers.iter().map(|t| t.startup.count).sum::<u64>(), 928);
+    assert_eq!(h.queues.len(), 5);
+    assert!(h.queues.iter().all(|q| q.depth == 0 && q.capacity > 0));
+    // It serialises for the HTTP layer.
+    let json = serde_json::to_value(&h).unwrap();
+    assert_eq!(json["tiers"][5]["agents"]["running"], 635);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_give_exact_counts_and_ordered_percentiles_per_priority() {
+    let (rt, _) = start(pool_928()).await;
+    let mut handles = Vec::new();
+    for p in Priority::ALL {
+        for i in 0..200 {
+            let payload = if i % 20 == 0 { "sleep:5" } else { "ok" };
+            handles.push(rt.try_submit(Task::new("s", payload).priority(p)).unwrap());
+        }
+    }
+    for h in handles {
+        assert!(h.await.is_ok());
+    }
+    let s = rt.stats();
+    for p in Priority::ALL {
+        let ps = s.priority(p);
+        assert_eq!(ps.submitted, 200);
+        assert_eq!(ps.completed.ok, 200);
+        for l in [ps.queue_wait, ps.handler, ps.latency] {
+            assert_eq!(l.count, 200);
+            assert!(
+                l.p50_us <= l.p90_us
+                    && l.p90_us <= l.p99_us
+                    && l.p99_us <= l.p999_us
+                    && l.p999_us <= l.max_us,
+                "{l:?}"
+            );
+        }
+        // 10 of the 200 slept 5 ms: the p99 handler time sees them, the median does not.
+        assert!(ps.handler.p99_us >= 5_000.0, "{:?}", ps.handler);
+        assert!(ps.handler.p50_us < 5_000.0, "{:?}", ps.handler);
+    }
+    assert_eq!(s.latency.count, 1000);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    rt.shutdown().await;
+}

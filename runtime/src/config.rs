@@ -133,12 +133,17 @@ pub struct ShutdownConfig {
     /// How long queued and in-flight tasks may run to completion before the rest is cancelled.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long an agent asked to stop (shutdown, or a sibling restart under `one_for_all` /
+    /// `rest_for_one`) may spend finishing the work in hand before that work is cancelled.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             drain_timeout: Duration::from_secs(10),
+            stop_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -335,6 +340,7 @@ impl RuntimeConfig {
             ));
         }
         check_period("root.period", self.root.period)?;
+        check_period("shutdown.stop_timeout", self.shutdown.stop_timeout)?;
         let mut names = HashSet::new();
         for (i, tier) in self.tiers.iter().enumerate() {
             if tier.name.trim().is_empty() {

@@ -189,6 +189,8 @@ pub(crate) struct AgentSlot {
     state: AtomicU8,
     /// Asks the current incarnation to stop after the work in hand.
     pub(crate) stop: AtomicBool,
+    /// Cancels the work in hand (a stop that overran `shutdown.stop_timeout`).
+    pub(crate) kill: AtomicBool,
     pub(crate) starts: AtomicU64,
     pub(crate) restarts: AtomicU32,
 }
@@ -210,6 +212,7 @@ impl AgentSlot {
             in_idle,
             state: AtomicU8::new(AgentState::Starting as u8),
             stop: AtomicBool::new(false),
+            kill: AtomicBool::new(false),
             starts: AtomicU64::new(0),
             restarts: AtomicU32::new(0),
         }

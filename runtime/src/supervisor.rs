@@ -164,6 +164,7 @@ impl TierSupervisor {
         let index = self.child_index(pos);
         let slot = &self.shared.agents[index as usize];
         slot.stop.store(false, Ordering::Release);
+        slot.kill.store(false, Ordering::Release);
         let spawn = self.shared.spawner_for(index);
         let fut = spawn(
             self.shared.clone(),
@@ -362,7 +363,23 @@ impl TierSupervisor {
             slot.set_state(AgentState::Stopped);
             return;
         }
-        while let Some(exit) = self.exits.recv().await {
+        let mut deadline = Some(Instant::now() + self.shared.config.shutdown.stop_timeout);
+        loop {
+            let exit = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), self.exits.recv()).await {
+                    Ok(exit) => exit,
+                    Err(_) => {
+                        // It is still busy with a task: cancel that task and keep waiting.
+                        tracing::warn!(agent = index, "stop timeout passed; cancelling its work");
+                        slot.kill.store(true, Ordering::Release);
+                        slot.signal.force_wake();
+                        deadline = None;
+                        continue;
+                    }
+                },
+                None => self.exits.recv().await,
+            };
+            let Some(exit) = exit else { break };
             if exit.index == index && exit.generation == generation {
                 break;
             }

@@ -251,7 +251,8 @@ pub enum Outcome {
     Timeout,
     /// The handler panicked; the message is the panic payload. The agent was rebuilt.
     Panic(String),
-    /// The task was cancelled, by shutdown past its drain deadline.
+    /// The task was cancelled: by shutdown past its drain deadline, or because its agent was
+    /// stopped (a sibling restart) and the task overran `shutdown.stop_timeout`.
     Cancelled,
 }
 

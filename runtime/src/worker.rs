@@ -113,10 +113,15 @@ async fn serve<A: Agent>(
                 .telemetry
                 .delivered(msg.kind, elapsed_ns(msg.sent_at));
             let reply = msg.reply.take();
-            match AssertUnwindSafe(agent.on_message(msg, ctx))
-                .catch_unwind()
-                .await
-            {
+            let handler = AssertUnwindSafe(agent.on_message(msg, ctx)).catch_unwind();
+            let cancel = CancelSignal { shared, slot };
+            let answer = tokio::select! {
+                biased;
+                r = handler => r,
+                // Dropping the reply sender tells a requester there will be no reply.
+                _ = cancel => Ok(None),
+            };
+            match answer {
                 Ok(Some(answer)) => {
                     if let Some(tx) = reply {
                         let _ = tx.send(answer);
@@ -264,7 +269,8 @@ async fn run_task<A: Agent>(
     None
 }
 
-/// Ready once shutdown enters its cancel phase; the shutdown wakes every agent to notice.
+/// Ready once shutdown enters its cancel phase, or the supervisor kills this agent after a stop
+/// timeout; both wake the agent to notice.
 struct CancelSignal<'a> {
     shared: &'a Shared,
     slot: &'a AgentSlot,
@@ -274,11 +280,14 @@ impl Future for CancelSignal<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.shared.is_cancelling() {
+        let cancelled = || {
+            self.shared.is_cancelling() || self.slot.kill.load(std::sync::atomic::Ordering::Acquire)
+        };
+        if cancelled() {
             return Poll::Ready(());
         }
         self.slot.signal.register(cx);
-        if self.shared.is_cancelling() {
+        if cancelled() {
             Poll::Ready(())
         } else {
             Poll::Pending

@@ -240,3 +240,27 @@ async fn unknown_kinds_and_oversized_pools_are_config_errors_at_start() {
         "the tiers ask for 929 agents but the pool limit (`max_agents`) is 928"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sibling_stuck_in_a_task_is_cancelled_after_the_stop_timeout() {
+    let mut config = RuntimeConfig::default().tier(tier(2, Strategy::OneForAll));
+    config.shutdown.stop_timeout = Duration::from_millis(50);
+    let (rt, events) = start(config).await;
+    let stuck = rt
+        .try_submit(Task::new(AgentId(0), "hang").timeout(Duration::from_secs(3600)))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let t = Instant::now();
+    crash(&rt, 1).await;
+    // Agent 0 is stopped for the group restart; its endless task is cancelled, not waited for.
+    assert_eq!(stuck.await, Outcome::Cancelled);
+    assert!(t.elapsed() >= Duration::from_millis(50));
+    assert!(eventually(Duration::from_secs(2), || events.count("restart:") == 2).await);
+    assert!(
+        rt.try_submit(Task::new(AgentId(0), "x"))
+            .unwrap()
+            .await
+            .is_ok()
+    );
+    rt.shutdown().await;
+}

@@ -187,29 +187,66 @@ where
 /// Handed to every handler: who the agent is, and a bus handle that sends as this agent.
 pub struct AgentContext {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) index: u32,
+    id: AgentId,
+    kind: Arc<str>,
+    tier: Arc<str>,
+    lane: Option<crate::sandbox::Lane>,
     pub(crate) bus: Bus,
 }
 
 impl AgentContext {
+    /// The context of pool agent `index`.
     pub(crate) fn new(shared: Arc<Shared>, index: u32) -> Self {
+        let spec = &shared.agents[index as usize].spec;
+        let (kind, tier) = (spec.kind.clone(), spec.tier.clone());
         let bus = Bus::new(shared.clone(), Some(AgentId(index)));
-        AgentContext { shared, index, bus }
+        AgentContext {
+            shared,
+            id: AgentId(index),
+            kind,
+            tier,
+            lane: None,
+            bus,
+        }
     }
 
-    /// This agent's id.
+    /// The context of an agent instance running in a sandbox lane. It is not a pool member:
+    /// its id is outside the pool and its bus sends anonymously.
+    pub(crate) fn for_lane(
+        shared: Arc<Shared>,
+        id: AgentId,
+        kind: Arc<str>,
+        lane: crate::sandbox::Lane,
+    ) -> Self {
+        let bus = Bus::new(shared.clone(), None);
+        AgentContext {
+            shared,
+            id,
+            kind,
+            tier: Arc::from("sandbox"),
+            lane: Some(lane),
+            bus,
+        }
+    }
+
+    /// This agent's id. Sandbox lane instances have ids outside the pool.
     pub fn id(&self) -> AgentId {
-        AgentId(self.index)
+        self.id
     }
 
     /// This agent's kind.
     pub fn kind(&self) -> &str {
-        &self.shared.agents[self.index as usize].spec.kind
+        &self.kind
     }
 
-    /// The tier this agent belongs to.
+    /// The tier this agent belongs to (`sandbox` for lane instances).
     pub fn tier(&self) -> &str {
-        &self.shared.agents[self.index as usize].spec.tier
+        &self.tier
+    }
+
+    /// The sandbox lane this instance runs in, or `None` for a pool agent.
+    pub fn lane(&self) -> Option<crate::sandbox::Lane> {
+        self.lane
     }
 
     /// The bus, sending as this agent (messages carry this agent as `from`).
@@ -226,7 +263,9 @@ impl AgentContext {
 impl fmt::Debug for AgentContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentContext")
-            .field("id", &self.index)
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("lane", &self.lane)
             .finish_non_exhaustive()
     }
 }

@@ -49,6 +49,8 @@ pub struct RuntimeConfig {
     pub shutdown: ShutdownConfig,
     /// Restart intensity of the root supervisor (tier restarts after escalation).
     pub root: IntensityConfig,
+    /// The tri-sandbox: which kinds can run on three lanes, and how.
+    pub sandbox: crate::sandbox::SandboxConfig,
     /// The tiers, started in this order and stopped in reverse.
     pub tiers: Vec<TierConfig>,
 }
@@ -65,6 +67,7 @@ impl Default for RuntimeConfig {
                 max_restarts: 3,
                 period: Duration::from_secs(60),
             },
+            sandbox: crate::sandbox::SandboxConfig::default(),
             tiers: Vec::new(),
         }
     }
@@ -380,6 +383,7 @@ impl RuntimeConfig {
                 }
             }
         }
+        self.sandbox.validate()?;
         let requested = self.total_agents();
         if requested > self.max_agents {
             return Err(ConfigError::TooManyAgents {

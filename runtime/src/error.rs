@@ -164,6 +164,9 @@ pub enum StartError {
         /// What its hook or factory reported.
         reason: String,
     },
+    /// The sandbox lanes could not be started.
+    #[error("the sandbox lanes could not start: {0}")]
+    Sandbox(String),
     /// `start` was called outside a Tokio runtime.
     #[error("Troupe must be started from within a Tokio multi-thread runtime")]
     NoTokioRuntime,

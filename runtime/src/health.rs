@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::bus::MessageKind;
 use crate::priority::Priority;
 use crate::runtime::Shared;
+use crate::sandbox::{Lane, LaneResult};
 use crate::slot::AgentState;
 use crate::task::OutcomeKind;
 use crate::telemetry::LatencySummary;
@@ -209,6 +210,73 @@ pub struct BusStats {
     pub delivery: LatencySummary,
 }
 
+/// One sandbox lane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LaneStats {
+    /// The lane.
+    pub lane: Lane,
+    /// Executions by result (`ok`, `error`, `panic`, `timeout`, `crashed`, `unavailable`).
+    pub executions: Vec<(&'static str, u64)>,
+    /// Times this lane disagreed with (or failed against) a majority of the other two.
+    pub dissent: u64,
+    /// Executors (instances or worker processes) able to take jobs now.
+    pub available: usize,
+    /// Executors configured.
+    pub total: usize,
+}
+
+/// Tri-sandbox totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxStats {
+    /// Per lane, A, B, C.
+    pub lanes: Vec<LaneStats>,
+    /// Votes where all three agreed.
+    pub unanimous: u64,
+    /// Votes decided by two lanes.
+    pub majority: u64,
+    /// Votes without a quorum.
+    pub no_quorum: u64,
+}
+
+impl SandboxStats {
+    fn collect(s: &Shared) -> Self {
+        let sb = &s.sandbox;
+        let t = &sb.telemetry;
+        let available = sb.lanes_available();
+        SandboxStats {
+            lanes: Lane::ALL
+                .iter()
+                .map(|&lane| {
+                    let i = lane.index();
+                    LaneStats {
+                        lane,
+                        executions: LaneResult::LABELS
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &label)| (label, t.executions[i][k].get()))
+                            .collect(),
+                        dissent: t.dissent[i].get(),
+                        available: available[i].0,
+                        total: available[i].1,
+                    }
+                })
+                .collect(),
+            unanimous: t.votes[0].get(),
+            majority: t.votes[1].get(),
+            no_quorum: t.votes[2].get(),
+        }
+    }
+
+    /// Executions of `lane` that ended with `label`.
+    pub fn executions(&self, lane: Lane, label: &str) -> u64 {
+        self.lanes[lane.index()]
+            .executions
+            .iter()
+            .find(|(l, _)| *l == label)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
 /// Counts and percentiles.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
@@ -218,6 +286,8 @@ pub struct Stats {
     pub latency: LatencySummary,
     /// The bus.
     pub bus: BusStats,
+    /// The tri-sandbox.
+    pub sandbox: SandboxStats,
 }
 
 impl Stats {
@@ -279,6 +349,7 @@ impl Stats {
                     .map(|h| LatencySummary::from_histogram(&h))
                     .unwrap_or_default(),
             },
+            sandbox: SandboxStats::collect(s),
         }
     }
 

@@ -75,6 +75,7 @@ mod health;
 mod priority;
 mod queue;
 mod runtime;
+pub mod sandbox;
 mod slot;
 mod supervisor;
 mod task;
@@ -89,8 +90,8 @@ pub use config::{
 };
 pub use error::{BusError, ConfigError, ParsePriorityError, Rejected, StartError, SubmitError};
 pub use health::{
-    AgentCounts, BusStats, Health, OutcomeCounts, PriorityStats, QueueHealth, RejectionCounts,
-    Stats, TierHealth,
+    AgentCounts, BusStats, Health, LaneStats, OutcomeCounts, PriorityStats, QueueHealth,
+    RejectionCounts, SandboxStats, Stats, TierHealth,
 };
 pub use priority::{PerPriority, Priority};
 pub use runtime::{Runtime, RuntimeBuilder, RuntimeHandle, ShutdownReport};

@@ -26,6 +26,9 @@ use crate::config::RuntimeConfig;
 use crate::error::{ConfigError, Rejected, StartError, SubmitError};
 use crate::priority::Priority;
 use crate::queue::{Admission, WorkGroup};
+use crate::sandbox::{
+    LaneSpawnFn, Policies, Responder, Sandbox, SandboxError, SandboxPolicy, Verdict, lane_worker,
+};
 use crate::slot::AgentSlot;
 use crate::supervisor::{Control, RootState, SpawnFn, TierState, TierSupervisor};
 use crate::task::{Completion, Outcome, QueuedTask, Target, Task, TaskHandle, TaskId};
@@ -50,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) tiers: Box<[TierState]>,
     pub(crate) root: Mutex<RootState>,
     spawners: HashMap<String, SpawnFn>,
+    pub(crate) lane_spawners: HashMap<String, LaneSpawnFn>,
+    pub(crate) sandbox: Sandbox,
     phase: AtomicU8,
     /// Entered / left the admission critical section; equal sums mean no admission in flight.
     admit_enter: StripedCounter,
@@ -84,6 +89,15 @@ fn next_task_id() -> TaskId {
 }
 
 impl Shared {
+    /// Parameters of the first agent group of `kind` in the config (empty if none).
+    pub(crate) fn params_of(&self, kind: &str) -> Arc<toml::Table> {
+        self.agents
+            .iter()
+            .find(|s| &*s.spec.kind == kind)
+            .map(|s| s.spec.params.clone())
+            .unwrap_or_default()
+    }
+
     #[inline]
     pub(crate) fn slot(&self, id: AgentId) -> Option<&AgentSlot> {
         self.agents.get(id.0 as usize)
@@ -226,6 +240,39 @@ impl Shared {
         let (tx, rx) = oneshot::channel();
         let p = task.priority;
         self.telemetry.submitted[p].increment(1);
+        if task.sandboxed {
+            let lanes = self.sandbox_lanes(&task.target);
+            let timeout = self.lane_timeout(&task);
+            let queued = QueuedTask {
+                id,
+                priority: p,
+                payload: task.payload.clone(),
+                timeout: task.timeout,
+                deadline: task.deadline,
+                retry: task.retry,
+                attempt: 1,
+                submitted_at: now,
+                enqueued_at: now,
+                group,
+                completion: Completion::new(Some(tx)),
+            };
+            match (lanes, self.self_ref.upgrade()) {
+                (Some(lanes), Some(me)) => crate::sandbox::dispatch(
+                    &me,
+                    lanes,
+                    id,
+                    task.payload,
+                    timeout,
+                    Responder::Task(queued),
+                ),
+                _ => {
+                    self.admission.level(p).release();
+                    self.finish(queued, Outcome::Cancelled);
+                }
+            }
+            self.admit_exit.increment(1);
+            return Ok(TaskHandle::new(id, rx));
+        }
         self.groups[group as usize].push(QueuedTask {
             id,
             priority: p,
@@ -244,7 +291,37 @@ impl Shared {
         Ok(TaskHandle::new(id, rx))
     }
 
+    pub(crate) fn sandbox_lanes(&self, target: &Target) -> Option<Arc<crate::sandbox::KindLanes>> {
+        match target {
+            Target::Capability(c) => self.sandbox.kinds.get(&**c).cloned(),
+            Target::Agent(_) => None,
+        }
+    }
+
+    fn lane_timeout(&self, task: &Task) -> Duration {
+        let mut t = task.timeout.unwrap_or(self.sandbox.config.lane_timeout);
+        if let Some(d) = task.deadline {
+            t = t.min(d.saturating_duration_since(Instant::now()));
+        }
+        t.max(Duration::from_millis(1))
+    }
+
     fn precheck(&self, task: &Task) -> Result<u32, SubmitError> {
+        if task.sandboxed {
+            if self.is_closed() {
+                return Err(SubmitError::ShuttingDown);
+            }
+            if task.timeout == Some(Duration::ZERO) {
+                return Err(SubmitError::Invalid("timeout must be above zero".into()));
+            }
+            return match self.sandbox_lanes(&task.target) {
+                Some(_) => Ok(u32::MAX),
+                None => Err(SubmitError::Invalid(format!(
+                    "{} is not a sandbox kind (see `sandbox.kinds`)",
+                    task.target
+                ))),
+            };
+        }
         if self.is_closed() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -334,6 +411,67 @@ impl RuntimeHandle {
         s.admit(task, group)
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Runs `task` in the tri-sandbox and returns the verdict: the output two lanes agreed on
+    /// and which lanes they were, or [`SandboxError::NoQuorum`] with every lane's result.
+    /// Admission applies as for any task (a full queue is `SandboxError::Rejected`).
+    pub async fn run_sandboxed(&self, task: Task) -> Result<Verdict, SandboxError> {
+        let s = &self.shared;
+        let task = task.sandboxed();
+        let priority = task.priority;
+        let rejected = |e: SubmitError| {
+            s.telemetry.rejected[priority][Telemetry::rejected_index(e.reason_label())]
+                .increment(1);
+            SandboxError::Rejected(e)
+        };
+        s.precheck(&task).map_err(rejected)?;
+        let lanes = s
+            .sandbox_lanes(&task.target)
+            .ok_or_else(|| rejected(SubmitError::Invalid("not a sandbox kind".into())))?;
+        let level = s.admission.level(priority);
+        if let Err(depth) = level.try_reserve() {
+            return Err(rejected(SubmitError::QueueFull {
+                priority,
+                depth,
+                capacity: level.capacity(),
+            }));
+        }
+        s.admit_enter.increment(1);
+        if s.is_closed() {
+            level.release();
+            s.admit_exit.increment(1);
+            return Err(rejected(SubmitError::ShuttingDown));
+        }
+        let (reply, answer) = oneshot::channel();
+        let timeout = s.lane_timeout(&task);
+        crate::sandbox::dispatch(
+            s,
+            lanes,
+            next_task_id(),
+            task.payload,
+            timeout,
+            Responder::Direct { priority, reply },
+        );
+        s.admit_exit.increment(1);
+        answer.await.unwrap_or(Err(SandboxError::Cancelled))
+    }
+
+    /// Pids of the sandbox worker processes alive now.
+    pub fn sandbox_worker_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .shared
+            .sandbox
+            .pids
+            .lock()
+            .map(|p| p.iter().copied().collect())
+            .unwrap_or_default();
+        pids.sort_unstable();
+        pids
+    }
+
     /// The message bus, sending from outside the pool.
     pub fn bus(&self) -> Bus {
         Bus::new(self.shared.clone(), None)
@@ -375,6 +513,8 @@ impl RuntimeHandle {
 pub struct RuntimeBuilder {
     config: RuntimeConfig,
     spawners: HashMap<String, SpawnFn>,
+    lane_spawners: HashMap<String, LaneSpawnFn>,
+    policies: Policies,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -392,16 +532,33 @@ impl RuntimeBuilder {
         RuntimeBuilder {
             config,
             spawners: HashMap::new(),
+            lane_spawners: HashMap::new(),
+            policies: Policies::new(),
         }
     }
 
     /// Registers the factory for agent kind `kind`. Registering a kind twice replaces it.
     pub fn register<F: AgentFactory>(mut self, kind: impl Into<String>, factory: F) -> Self {
         let factory = Arc::new(factory);
+        let kind = kind.into();
+        let f = factory.clone();
         let spawn: SpawnFn =
-            Arc::new(move |shared, start| worker::run(factory.clone(), shared, start).boxed());
-        self.spawners.insert(kind.into(), spawn);
+            Arc::new(move |shared, start| worker::run(f.clone(), shared, start).boxed());
+        let lane: LaneSpawnFn = Arc::new(move |w| lane_worker(factory.clone(), w).boxed());
+        self.spawners.insert(kind.clone(), spawn);
+        self.lane_spawners.insert(kind, lane);
         self
+    }
+
+    /// Sets how sandboxed results of `kind` are compared, and what to answer without a quorum.
+    pub fn sandbox_policy(mut self, kind: impl Into<String>, policy: SandboxPolicy) -> Self {
+        self.policies.insert(kind.into(), policy);
+        self
+    }
+
+    /// The config this builder will start.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
     }
 
     /// Validates the config, builds the pool and starts every agent. Returns once every agent
@@ -410,8 +567,22 @@ impl RuntimeBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StartError::NoTokioRuntime);
         }
-        let RuntimeBuilder { config, spawners } = self;
+        let RuntimeBuilder {
+            config,
+            spawners,
+            lane_spawners,
+            policies,
+        } = self;
         config.validate()?;
+        for (i, k) in config.sandbox.kinds.iter().enumerate() {
+            if !spawners.contains_key(&k.kind) {
+                return Err(ConfigError::UnknownKind {
+                    field: format!("sandbox.kinds[{i}].kind"),
+                    kind: k.kind.clone(),
+                }
+                .into());
+            }
+        }
         for (i, tier) in config.tiers.iter().enumerate() {
             for (j, group) in tier.agents.iter().enumerate() {
                 if !spawners.contains_key(&group.kind) {
@@ -499,7 +670,11 @@ impl RuntimeBuilder {
         debug_assert_eq!(groups.len(), capability_names.len() + agents.len());
 
         let agent_count = agents.len();
+        let job_capacity: usize = config.queues.capacity.0.iter().sum();
+        let sandbox = Sandbox::new(config.sandbox.clone(), &policies, job_capacity);
         let shared = Arc::new_cyclic(|weak| Shared {
+            lane_spawners,
+            sandbox,
             admission: Admission::new(&config.queues.capacity),
             config,
             agents: agents.into_boxed_slice(),
@@ -519,6 +694,7 @@ impl RuntimeBuilder {
             self_ref: weak.clone(),
         });
 
+        Sandbox::start(&shared).map_err(|e| StartError::Sandbox(e.to_string()))?;
         for tier in 0..shared.tiers.len() {
             TierSupervisor::spawn(shared.clone(), tier);
         }
@@ -631,6 +807,7 @@ impl Runtime {
 
         let cancelled_before = self.cancelled_total();
         s.phase.store(CANCELLING, Ordering::SeqCst);
+        s.sandbox.cancel.cancel();
         for slot in s.agents.iter() {
             slot.signal.force_wake();
         }
@@ -658,6 +835,7 @@ impl Runtime {
                 }
             }
         }
+        s.sandbox.shutdown().await;
         s.phase.store(STOPPED, Ordering::SeqCst);
         ShutdownReport {
             drained,

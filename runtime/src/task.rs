@@ -138,6 +138,7 @@ pub struct Task {
     pub(crate) timeout: Option<Duration>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) retry: RetryPolicy,
+    pub(crate) sandboxed: bool,
 }
 
 impl Task {
@@ -150,7 +151,21 @@ impl Task {
             timeout: None,
             deadline: None,
             retry: RetryPolicy::NONE,
+            sandboxed: false,
         }
+    }
+
+    /// Runs the task in the tri-sandbox: on lanes A, B and C, answering with the output two of
+    /// them agree on. The target must be a kind listed in `sandbox.kinds`; the timeout applies
+    /// per lane; retries do not apply (the vote is the redundancy).
+    pub fn sandboxed(mut self) -> Self {
+        self.sandboxed = true;
+        self
+    }
+
+    /// True if the task runs in the tri-sandbox.
+    pub fn is_sandboxed(&self) -> bool {
+        self.sandboxed
     }
 
     /// Sets the priority.

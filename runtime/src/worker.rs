@@ -153,7 +153,7 @@ async fn serve<A: Agent>(
         }
         for (position, group) in slot.groups.iter().enumerate() {
             if !slot.in_idle[position].swap(true, std::sync::atomic::Ordering::SeqCst) {
-                group.push_idle(ctx.index, position as u8);
+                group.push_idle(ctx.id().0, position as u8);
             }
         }
         if slot.has_work()

@@ -45,14 +45,18 @@ pub struct Pool {
 
 /// The default tier layout scaled to `agents` (all 928 when `agents == 928`).
 pub fn config(agents: usize) -> RuntimeConfig {
-    let mut config = RuntimeConfig {
-        max_agents: agents.max(troupe::DEFAULT_MAX_AGENTS),
-        ..RuntimeConfig::default()
-    };
-    // Queues sized so a benchmark window never hits the bound.
+    let mut config = base_config();
+    config.max_agents = agents.max(troupe::DEFAULT_MAX_AGENTS);
+    config.tier(TierConfig::new("bench").agents("noop", agents))
+}
+
+/// Default settings with queues sized so a benchmark window never hits the bound, and no
+/// default task timeout (no timer per task).
+pub fn base_config() -> RuntimeConfig {
+    let mut config = RuntimeConfig::default();
     config.queues.capacity = troupe::PerPriority([1 << 20; 5]);
     config.tasks.default_timeout = None;
-    config.tier(TierConfig::new("bench").agents("noop", agents))
+    config
 }
 
 /// Starts `agents` no-op agents.

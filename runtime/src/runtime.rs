@@ -488,6 +488,17 @@ impl RuntimeHandle {
             .collect()
     }
 
+    /// Ids of the agents that serve `capability` (every kind is a capability), in start order.
+    pub fn agents_with(&self, capability: &str) -> Vec<AgentId> {
+        self.shared
+            .agents
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.spec.capabilities.iter().any(|c| &**c == capability))
+            .map(|(i, _)| AgentId(i as u32))
+            .collect()
+    }
+
     /// Number of agents in the pool.
     pub fn agent_count(&self) -> usize {
         self.shared.agents.len()

@@ -513,7 +513,9 @@ async fn unify(
                             fallback: false,
                         })
                     }
-                    Decision::NoQuorum => no_quorum(&lanes, ballot),
+                    // Reported once every lane has answered or timed out (below), so the
+                    // error and the fallback see all three results.
+                    Decision::NoQuorum => return,
                 };
                 if let Some(r) = responder.take() {
                     r.answer(&shared, answer);
@@ -562,8 +564,7 @@ async fn unify(
         }
     }
     if let Some(r) = responder.take() {
-        // Every lane answered without a decision being reached: cannot happen (a complete
-        // ballot always decides), but answer rather than leave the task hanging.
+        // Every lane has answered and no two agreed.
         let answer = no_quorum(&lanes, &ballot);
         r.answer(&shared, answer);
     }

@@ -6,7 +6,8 @@
 //! sent to lanes A, B and C. The unifier answers as soon as two lanes agree, so the latency is
 //! the second-fastest lane's; the third result is still recorded, as agreement or dissent. No
 //! quorum (two failures, or three different outputs) is a typed error carrying every lane's
-//! result, unless the kind has a fallback that picks one.
+//! result, unless the kind has a fallback that picks one; it is reported once all three lanes
+//! have answered or timed out, so the error and the fallback see every result.
 //!
 //! Lanes are separate failure domains:
 //!
@@ -38,7 +39,7 @@ use crate::error::SubmitError;
 
 pub(crate) use lanes::{KindLanes, LaneSpawnFn, Responder, Sandbox, dispatch, lane_worker};
 pub use vote::{Comparator, VoteResult};
-pub use worker::{serve_worker, worker_main};
+pub use worker::{in_worker_process, serve_worker, worker_main};
 
 /// One of the three lanes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

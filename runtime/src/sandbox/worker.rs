@@ -22,6 +22,14 @@ use crate::priority::Priority;
 use crate::runtime::RuntimeBuilder;
 use crate::task::TaskId;
 
+static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True inside a process started as a sandbox worker (after [`worker_main`] began). Agents use
+/// it to refuse what would be fatal to a host, such as exiting the process.
+pub fn in_worker_process() -> bool {
+    IN_WORKER.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// Serves the protocol on `input` / `output` until `Shutdown` or end of input.
 pub async fn serve_worker<R, W>(
     builder: RuntimeBuilder,
@@ -133,6 +141,7 @@ where
 /// }
 /// ```
 pub fn worker_main(builder: RuntimeBuilder) -> ExitCode {
+    IN_WORKER.store(true, std::sync::atomic::Ordering::Release);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,76 @@
+//! Tri-sandbox throughput: the same no-op tasks run once, on thread lanes, and on process lanes.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use troupe::sandbox::{LaneMode, ProcessConfig, SandboxKindConfig};
+use troupe::{RuntimeConfig, Task, TierConfig};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_troupe-bench-worker");
+
+fn config(mode: LaneMode) -> RuntimeConfig {
+    let mut c = troupe_bench::base_config().tier(TierConfig::new("once").agents("echo", 928));
+    c.sandbox.lane_timeout = Duration::from_secs(10);
+    c.sandbox.process = Some(ProcessConfig {
+        command: vec![WORKER.to_owned()],
+    });
+    c.sandbox.kinds = vec![SandboxKindConfig {
+        kind: "echo".into(),
+        lanes: mode,
+        instances: if mode == LaneMode::Process { 4 } else { 8 },
+    }];
+    c
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut g = c.benchmark_group("sandbox");
+    for (name, mode, sandboxed, window) in [
+        ("once", LaneMode::Threads, false, 10_000u64),
+        ("threads", LaneMode::Threads, true, 10_000),
+        ("process", LaneMode::Process, true, 1_000),
+    ] {
+        let pool = rt.block_on(async {
+            troupe_agents::register_kinds(troupe::Runtime::builder(config(mode)))
+                .start()
+                .await
+                .expect("pool starts")
+        });
+        let handle = pool.handle();
+        g.throughput(Throughput::Elements(window));
+        if mode == LaneMode::Process {
+            g.sample_size(10);
+        }
+        g.bench_function(BenchmarkId::new(name, "echo"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let handle = &handle;
+                async move {
+                    let mut handles = Vec::with_capacity(window as usize);
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        for _ in 0..window {
+                            let mut task = Task::new("echo", Bytes::from_static(b"x"));
+                            if sandboxed {
+                                task = task.sandboxed();
+                            }
+                            handles.push(handle.try_submit(task).expect("admitted"));
+                        }
+                        for h in handles.drain(..) {
+                            assert!(h.await.is_ok());
+                        }
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+        rt.block_on(pool.shutdown());
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

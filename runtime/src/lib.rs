@@ -71,6 +71,7 @@ mod bound;
 mod bus;
 mod config;
 mod error;
+mod export;
 mod health;
 mod priority;
 mod queue;
@@ -89,6 +90,7 @@ pub use config::{
     QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig, TierConfig,
 };
 pub use error::{BusError, ConfigError, ParsePriorityError, Rejected, StartError, SubmitError};
+pub use export::{BUCKETS, HistogramHandle, MetricsExporter};
 pub use health::{
     AgentCounts, BusStats, Health, LaneStats, OutcomeCounts, PriorityStats, QueueHealth,
     RejectionCounts, SandboxStats, Stats, TierHealth,

@@ -445,6 +445,7 @@ impl RuntimeHandle {
             s.admit_exit.increment(1);
             return Err(rejected(SubmitError::ShuttingDown));
         }
+        s.telemetry.submitted[priority].increment(1);
         let (reply, answer) = oneshot::channel();
         let timeout = s.lane_timeout(&task);
         crate::sandbox::dispatch(
@@ -453,7 +454,11 @@ impl RuntimeHandle {
             next_task_id(),
             task.payload,
             timeout,
-            Responder::Direct { priority, reply },
+            Responder::Direct {
+                priority,
+                submitted_at: Instant::now(),
+                reply,
+            },
         );
         s.admit_exit.increment(1);
         answer.await.unwrap_or(Err(SandboxError::Cancelled))

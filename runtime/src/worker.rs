@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use std::sync::atomic::Ordering;
+
 use futures_util::FutureExt;
 
 use crate::agent::{Agent, AgentContext, AgentFactory, ExitReason};
@@ -49,6 +51,11 @@ pub(crate) async fn run<F: AgentFactory>(
         tokio::time::sleep(start.delay).await;
     }
     slot.set_state(AgentState::Starting);
+    let incarnation = slot
+        .incarnation
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+        + 1;
+    slot.set_liveness(crate::slot::Liveness::Healthy);
     let began = Instant::now();
     let ctx = AgentContext::new(shared.clone(), index);
     let mut spec = slot.spec.clone();
@@ -87,7 +94,7 @@ pub(crate) async fn run<F: AgentFactory>(
         let _ = started.send(());
     }
 
-    let exit = serve(&mut agent, &ctx, &shared, slot).await;
+    let exit = serve(&mut agent, &ctx, &shared, slot, incarnation).await;
     if exit == ExitReason::Stopped {
         // A panicking stop hook still counts as a clean stop: the agent was leaving anyway.
         let _ = AssertUnwindSafe(agent.on_stop(&ctx)).catch_unwind().await;
@@ -100,6 +107,7 @@ async fn serve<A: Agent>(
     ctx: &AgentContext,
     shared: &Shared,
     slot: &AgentSlot,
+    incarnation: u64,
 ) -> ExitReason {
     let limits = &shared.config.queues.starvation_limit;
     loop {
@@ -137,8 +145,11 @@ async fn serve<A: Agent>(
         }
 
         if let Some(task) = pick(shared, slot, limits) {
-            if let Some(exit) = run_task(agent, ctx, shared, slot, task).await {
+            if let Some(exit) = run_task(agent, ctx, shared, slot, task, incarnation).await {
                 return exit;
+            }
+            if slot.incarnation.load(std::sync::atomic::Ordering::Acquire) != incarnation {
+                return ExitReason::Unresponsive("replaced while its handler was stuck".into());
             }
             continue;
         }
@@ -208,6 +219,7 @@ async fn run_task<A: Agent>(
     shared: &Shared,
     slot: &AgentSlot,
     task: QueuedTask,
+    incarnation: u64,
 ) -> Option<ExitReason> {
     let now = Instant::now();
     let p = task.priority;
@@ -233,6 +245,13 @@ async fn run_task<A: Agent>(
         payload: task.payload.clone(),
         attempt: task.attempt,
     };
+    // Publish the deadline and the task so the liveness watchdog can answer it if this thread
+    // gets stuck in a handler that never yields.
+    if let Some(limit) = limit {
+        slot.deadline_ms
+            .store(shared.ms_at(limit).max(1), Ordering::Release);
+    }
+    slot.in_flight.put(task, incarnation);
     let ran = {
         let handler = AssertUnwindSafe(agent.handle(request, ctx)).catch_unwind();
         let cancel = CancelSignal { shared, slot };
@@ -255,6 +274,13 @@ async fn run_task<A: Agent>(
         }
     };
     shared.telemetry.handler[p].record(elapsed_ns(now));
+    let Some(task) = slot.in_flight.take_own(incarnation) else {
+        // The watchdog answered the task (timeout) and replaced this incarnation.
+        return Some(ExitReason::Unresponsive(
+            "its task overran the deadline while the handler blocked its thread".into(),
+        ));
+    };
+    slot.deadline_ms.store(0, Ordering::Release);
     match ran {
         Ran::Done(Ok(Ok(output))) => shared.finish(task, Outcome::Ok(output)),
         Ran::Done(Ok(Err(e))) => shared.retry_or_finish(task, Outcome::Error(e)),

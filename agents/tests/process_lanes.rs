@@ -76,6 +76,8 @@ async fn a_worker_that_dies_is_reported_as_crashed_and_restarted() {
     // Workers start with their lane's first job.
     assert!(rt.sandbox_worker_pids().is_empty());
     rt.run_sandboxed(Task::new("faulty", "lie:")).await.unwrap();
+    // The vote answers at two lanes; the third worker may still be starting.
+    assert!(eventually(|| rt.sandbox_worker_pids().len() == 3).await);
     let before = rt.sandbox_worker_pids();
     let v = rt
         .run_sandboxed(Task::new("faulty", "crash-on:B"))
@@ -88,6 +90,7 @@ async fn a_worker_that_dies_is_reported_as_crashed_and_restarted() {
     assert_eq!(v.output, Bytes::from("truth"));
     assert!(eventually(|| rt.stats().sandbox.executions(Lane::B, "ok") == 2).await);
     // One faulty worker per lane (compute workers start on their first job).
+    assert!(eventually(|| rt.sandbox_worker_pids().len() == 3).await);
     let after = rt.sandbox_worker_pids();
     assert_eq!(before.len(), 3);
     assert_eq!(after.len(), 3);

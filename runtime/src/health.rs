@@ -51,6 +51,8 @@ pub struct TierHealth {
     pub name: String,
     /// Agents by state.
     pub agents: AgentCounts,
+    /// Agents busy past their task's deadline (see `liveness.heartbeat`).
+    pub unhealthy: usize,
     /// Restarts performed by the tier's supervisor (and by the root for this tier).
     pub restarts: u64,
     /// Times the tier exceeded its restart intensity.
@@ -99,6 +101,7 @@ impl Health {
             .map(|t| TierHealth {
                 name: t.config.name.clone(),
                 agents: AgentCounts::default(),
+                unhealthy: 0,
                 restarts: t.restarts.load(Ordering::Relaxed),
                 escalations: t.escalations.load(Ordering::Relaxed),
                 failed: t.failed.load(Ordering::Acquire),
@@ -111,6 +114,9 @@ impl Health {
             .collect();
         for slot in s.agents.iter() {
             tiers[slot.tier].agents.add(slot.state());
+            if slot.is_unhealthy() {
+                tiers[slot.tier].unhealthy += 1;
+            }
         }
         let mut reasons = Vec::new();
         if s.is_closed() {

@@ -54,7 +54,27 @@ pub enum RestartPolicy {
     Temporary,
 }
 
+impl Strategy {
+    /// The config name (`one_for_one`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::OneForOne => "one_for_one",
+            Strategy::OneForAll => "one_for_all",
+            Strategy::RestForOne => "rest_for_one",
+        }
+    }
+}
+
 impl RestartPolicy {
+    /// The config name (`permanent`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Permanent => "permanent",
+            RestartPolicy::Transient => "transient",
+            RestartPolicy::Temporary => "temporary",
+        }
+    }
+
     fn restarts_after(self, reason: &ExitReason) -> bool {
         match self {
             RestartPolicy::Permanent => true,

@@ -1,0 +1,221 @@
+//! The node's configuration file: HTTP settings, logging, the pool, and runtime settings.
+//!
+//! ```toml
+//! catalog = "agents/pool.toml"      # optional; the default 928-agent pool otherwise
+//! [http]
+//! listen = "127.0.0.1:9464"
+//! token = "s3cret"                  # bearer token required on POST endpoints
+//! max_payload_bytes = 1048576
+//! allow_non_loopback = false        # without a token the node binds to loopback only
+//! [log]
+//! format = "plain"                  # or "json"; level from RUST_LOG / LOG_LEVEL
+//! [runtime]                         # any troupe::RuntimeConfig field (queues, mailbox, ...)
+//! queues.capacity = { critical = 1000, high = 2000, normal = 5000, low = 5000, background = 5000 }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+use troupe::RuntimeConfig;
+use troupe_agents::{Catalogue, CatalogueError};
+
+/// A node config that cannot be used; the message names the field.
+#[derive(Debug, Error)]
+pub enum NodeConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TOML does not parse or has unknown fields.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The path.
+        path: String,
+        /// The parser's message (it names the line and key).
+        reason: String,
+    },
+    /// A field is invalid.
+    #[error("{path}: invalid field `{field}`: {reason}")]
+    Invalid {
+        /// The path.
+        path: String,
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The pool catalogue is invalid.
+    #[error("catalogue {path}: {source}")]
+    Catalogue {
+        /// The catalogue path.
+        path: String,
+        /// What is wrong.
+        source: CatalogueError,
+    },
+    /// The runtime settings are invalid.
+    #[error("{path}: {source}")]
+    Runtime {
+        /// The path.
+        path: String,
+        /// What is wrong.
+        source: troupe::ConfigError,
+    },
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Bearer token for mutating endpoints.
+    pub token: Option<String>,
+    /// Largest accepted task or message payload.
+    pub max_payload_bytes: usize,
+    /// Bind to a non-loopback address even without a token.
+    pub allow_non_loopback: bool,
+    /// How many finished task records `GET /v1/tasks/{id}` remembers.
+    pub task_records: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            token: None,
+            max_payload_bytes: 1 << 20,
+            allow_non_loopback: false,
+            task_records: 100_000,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Plain or JSON.
+    pub format: LogFormat,
+    /// Default level when neither RUST_LOG nor LOG_LEVEL is set.
+    pub level: Option<String>,
+}
+
+/// The whole node config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Pool catalogue file; the default pool when absent.
+    pub catalog: Option<PathBuf>,
+    /// HTTP settings.
+    pub http: HttpConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Runtime settings (its `tiers` are replaced by the catalogue's).
+    pub runtime: RuntimeConfig,
+}
+
+/// A node config resolved into what `serve` runs.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The node settings.
+    pub node: NodeConfig,
+    /// The runtime config with the pool applied.
+    pub runtime: RuntimeConfig,
+}
+
+impl NodeConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, NodeConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| NodeConfigError::Io {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and checks config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, NodeConfigError> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| NodeConfigError::Parse {
+            path: origin.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if config.http.max_payload_bytes == 0 {
+            return Err(NodeConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "http.max_payload_bytes".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if config.http.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(NodeConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "http.token".into(),
+                reason: "must not be empty (omit it to disable auth)".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Applies the catalogue (or the default pool) and validates the runtime settings.
+    pub fn resolve(self, origin: &str) -> Result<Resolved, NodeConfigError> {
+        let catalogue = match &self.catalog {
+            Some(path) => Catalogue::from_file(path).map_err(|source| NodeConfigError::Catalogue {
+                path: path.display().to_string(),
+                source,
+            })?,
+            None => Catalogue::default_pool().map_err(|source| NodeConfigError::Catalogue {
+                path: "default".into(),
+                source,
+            })?,
+        };
+        let mut runtime = catalogue.apply(self.runtime.clone());
+        if let Some(p) = &mut runtime.sandbox.process {
+            if p.command.is_empty() {
+                p.command = default_worker_command();
+            }
+        } else if runtime
+            .sandbox
+            .kinds
+            .iter()
+            .any(|k| k.lanes == troupe::sandbox::LaneMode::Process)
+        {
+            runtime.sandbox.process = Some(troupe::sandbox::ProcessConfig {
+                command: default_worker_command(),
+            });
+        }
+        runtime.validate().map_err(|source| NodeConfigError::Runtime {
+            path: origin.to_owned(),
+            source,
+        })?;
+        Ok(Resolved {
+            node: self,
+            runtime,
+        })
+    }
+}
+
+/// This executable in worker mode: `troupe sandbox-worker`.
+fn default_worker_command() -> Vec<String> {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "troupe".into());
+    vec![exe, "sandbox-worker".into()]
+}

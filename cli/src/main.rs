@@ -1,0 +1,231 @@
+//! `troupe`: run a node (a 928-agent pool behind an HTTP API), inspect the pool catalogue,
+//! check a config.
+
+mod config;
+mod server;
+mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, NodeConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "troupe", version, about = "An actor runtime for pools of agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the pool and the HTTP API (metrics, health, stats, tasks, messages, agents).
+    Serve {
+        /// Node config (TOML); defaults apply without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding `http.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Print the pool (tiers, kinds, counts) and validate its catalogue.
+    Pool {
+        /// Catalogue file; the default 928-agent pool when absent.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
+    /// Validate a node config (and its catalogue); exit non-zero with the error.
+    Check {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run as a sandbox worker process (started by the node for process lanes).
+    #[command(hide = true)]
+    SandboxWorker,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::SandboxWorker => troupe::sandbox::worker_main(troupe_agents::register_kinds(
+            troupe::RuntimeBuilder::new(troupe::RuntimeConfig::default()),
+        )),
+        Command::Pool { catalog } => report(pool(catalog)),
+        Command::Check { config } => report(check(config)),
+        Command::Serve { config, listen } => report(serve(config, listen)),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("troupe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pool(catalog: Option<PathBuf>) -> anyhow::Result<()> {
+    let (name, catalogue) = match &catalog {
+        Some(p) => (
+            p.display().to_string(),
+            troupe_agents::Catalogue::from_file(p)?,
+        ),
+        None => ("default".to_owned(), troupe_agents::Catalogue::default_pool()?),
+    };
+    println!(
+        "pool {name}: {} agents of {} allowed, {} tiers",
+        catalogue.total_agents(),
+        catalogue.max_agents,
+        catalogue.tiers.len()
+    );
+    println!("{:<14} {:<13} {:<10} {:>6}  agents", "tier", "strategy", "restart", "count");
+    for t in &catalogue.tiers {
+        let count: usize = t.agents.iter().map(|a| a.count).sum();
+        let groups: Vec<String> = t
+            .agents
+            .iter()
+            .map(|a| {
+                let caps = if a.capabilities.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", a.capabilities.join(", "))
+                };
+                format!("{}×{}{}", a.count, a.kind, caps)
+            })
+            .collect();
+        println!(
+            "{:<14} {:<13} {:<10} {:>6}  {}",
+            t.name,
+            t.strategy.as_str(),
+            t.restart.as_str(),
+            count,
+            groups.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn check(path: PathBuf) -> anyhow::Result<()> {
+    let origin = path.display().to_string();
+    let resolved = NodeConfig::load(&path)?.resolve(&origin)?;
+    println!(
+        "{origin}: ok ({} agents in {} tiers, listening on {})",
+        resolved.runtime.total_agents(),
+        resolved.runtime.tiers.len(),
+        resolved.node.http.listen
+    );
+    Ok(())
+}
+
+fn init_logs(format: LogFormat, level: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_default()))
+        .ok()
+        .filter(|f| f.to_string() != "")
+        .unwrap_or_else(|| EnvFilter::new(level.unwrap_or("info")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Plain => builder.try_init(),
+    };
+}
+
+fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (node, origin) = match &config {
+        Some(p) => (NodeConfig::load(p)?, p.display().to_string()),
+        None => (NodeConfig::default(), "defaults".to_owned()),
+    };
+    let mut resolved = node.resolve(&origin)?;
+    if let Some(addr) = listen {
+        resolved.node.http.listen = addr;
+    }
+    init_logs(resolved.node.log.format, resolved.node.log.level.as_deref());
+    let http = resolved.node.http.clone();
+    if http.token.is_none() && !http.listen.ip().is_loopback() && !http.allow_non_loopback {
+        bail!(
+            "refusing to listen on {} without `http.token`: mutating endpoints would be open \
+             to the network (set a token, or `http.allow_non_loopback = true`)",
+            http.listen
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the Tokio runtime")?;
+    rt.block_on(async move {
+        let runtime = troupe_agents::register_kinds(troupe::Runtime::builder(resolved.runtime))
+            .start()
+            .await
+            .context("starting the pool")?;
+        let state = server::AppState::new(runtime.handle(), &http);
+        let app = server::router(state);
+        let listener = tokio::net::TcpListener::bind(http.listen)
+            .await
+            .with_context(|| format!("binding {}", http.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, agents = runtime.agent_count(), "troupe node ready");
+        // Tests and scripts read the address from the first line of standard output.
+        println!("listening on http://{addr}");
+
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = http_stopped.await;
+                })
+                .await
+        });
+        shutdown_signal().await;
+        tracing::info!("signal received: draining");
+        // Close admission and drain first: requests waiting on tasks get their outcomes.
+        let report = runtime.shutdown().await;
+        let _ = stop_http.send(());
+        server.await.context("HTTP server task")?.context("HTTP server")?;
+        tracing::info!(
+            drained = report.drained,
+            cancelled = report.cancelled,
+            abandoned = report.abandoned,
+            "troupe node stopped"
+        );
+        println!(
+            "stopped: drained {} cancelled {} abandoned {}",
+            report.drained, report.cancelled, report.abandoned
+        );
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,447 @@
+//! The node's HTTP API (axum): metrics, health, stats, tasks, messages, agents.
+//!
+//! Every error is JSON, `{"error": "<code>", "message": "<what and why>"}`, with a 4xx status
+//! for anything the client can fix (a full queue is 429 with `Retry-After`; shutting down is
+//! 503). Mutating endpoints (POST) require `Authorization: Bearer <token>` when a token is
+//! configured.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::Deserialize;
+use serde_json::json;
+use troupe::{
+    AgentId, BusError, HistogramHandle, MetricsExporter, Priority, RetryPolicy, RuntimeHandle,
+    SubmitError, Task,
+};
+
+use crate::store::{TaskRecord, TaskStore};
+
+/// Shared state of the HTTP layer.
+pub struct AppState {
+    runtime: RuntimeHandle,
+    exporter: MetricsExporter,
+    store: TaskStore,
+    token: Option<String>,
+    max_payload: usize,
+    requests: DashMap<(String, Method, u16), metrics::Counter>,
+    durations: DashMap<String, HistogramHandle>,
+}
+
+impl AppState {
+    /// State for `runtime` with the node's HTTP settings.
+    pub fn new(runtime: RuntimeHandle, http: &crate::config::HttpConfig) -> Arc<Self> {
+        let exporter = MetricsExporter::new(&runtime);
+        Arc::new(AppState {
+            runtime,
+            exporter,
+            store: TaskStore::new(http.task_records),
+            token: http.token.clone(),
+            max_payload: http.max_payload_bytes,
+            requests: DashMap::new(),
+            durations: DashMap::new(),
+        })
+    }
+}
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(json!({ "error": self.code, "message": self.message })),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        let message = e.to_string();
+        match e {
+            SubmitError::QueueFull { .. } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message)
+            },
+            SubmitError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
+            SubmitError::UnknownCapability(_) => ApiError::bad_request("unknown_kind", message),
+            SubmitError::UnknownAgent(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_agent", message)
+            }
+            SubmitError::Invalid(_) => ApiError::bad_request("invalid_task", message),
+        }
+    }
+}
+
+impl From<BusError> for ApiError {
+    fn from(e: BusError) -> Self {
+        let message = e.to_string();
+        match e {
+            BusError::NoSuchAgent(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_agent", message),
+            BusError::MailboxFull { .. } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "mailbox_full", message)
+            },
+            BusError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
+            BusError::Timeout { .. } | BusError::NoReply(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_reply", message)
+            }
+        }
+    }
+}
+
+/// The router with every route, auth and HTTP metrics.
+pub fn router(state: Arc<AppState>) -> Router {
+    let mutating = Router::new()
+        .route("/v1/tasks", post(submit_task))
+        .route("/v1/messages", post(send_message))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(|| async { Json(json!({ "status": "alive" })) }))
+        .route("/health/ready", get(ready))
+        .route("/stats", get(stats))
+        .route("/v1/tasks/{id}", get(task_status))
+        .route("/v1/agents", get(agents))
+        .merge(mutating)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), record_http))
+        .with_state(state)
+}
+
+async fn record_http(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let histogram = state
+        .durations
+        .entry(route.clone())
+        .or_insert_with(|| {
+            state.exporter.histogram(
+                "troupe_http_request_duration_seconds",
+                "HTTP request handling time.",
+                &[("route", route.clone())],
+            )
+        })
+        .clone();
+    histogram.record(started.elapsed());
+    state
+        .requests
+        .entry((route.clone(), method.clone(), status))
+        .or_insert_with(|| {
+            state.exporter.counter(
+                "troupe_http_requests_total",
+                "HTTP requests served.",
+                &[
+                    ("route", route),
+                    ("method", method.as_str().to_owned()),
+                    ("status", status.to_string()),
+                ],
+            )
+        })
+        .increment(1);
+    resp
+}
+
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs `Authorization: Bearer <token>`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.exporter.render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let health = state.runtime.health();
+    let status = if health.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(health)).into_response()
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    Json(state.runtime.stats()).into_response()
+}
+
+async fn agents(State(state): State<Arc<AppState>>) -> Response {
+    let h = state.runtime.health();
+    Json(json!({ "agents": h.agents, "max_agents": h.max_agents, "tiers": h.tiers })).into_response()
+}
+
+async fn task_status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("`{id}` is not a task id")))?;
+    state
+        .store
+        .get(id)
+        .map(|r| Json(r).into_response())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_task",
+                format!("no task {id} (unknown, or forgotten after many newer tasks)"),
+            )
+        })
+}
+
+/// Reads a JSON body within the payload limit, with JSON errors for every failure.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as `Content-Type: application/json`",
+        ));
+    }
+    // The envelope around the payload is small; allow it on top of the payload limit.
+    let limit = state.max_payload.saturating_add(64 * 1024);
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body exceeds {limit} bytes"),
+        )
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
+}
+
+fn check_payload(state: &AppState, payload: &str) -> Result<(), ApiError> {
+    if payload.len() > state.max_payload {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "payload is {} bytes; the limit (`http.max_payload_bytes`) is {}",
+                payload.len(),
+                state.max_payload
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/tasks` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    /// Target kind or capability.
+    kind: Option<String>,
+    /// Target agent id.
+    agent: Option<u32>,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    payload: String,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    sandbox: bool,
+    /// Extra attempts after a failure.
+    #[serde(default)]
+    retries: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitQuery {
+    #[serde(default)]
+    wait: bool,
+}
+
+async fn submit_task(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let b: SubmitBody = read_json(&state, &headers, body).await?;
+    check_payload(&state, &b.payload)?;
+    let priority = match b.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => p
+            .parse::<Priority>()
+            .map_err(|e| ApiError::bad_request("unknown_priority", e.to_string()))?,
+    };
+    let mut task = match (b.kind, b.agent) {
+        (Some(kind), None) => Task::new(kind, b.payload),
+        (None, Some(agent)) => Task::new(AgentId(agent), b.payload),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_target",
+                "give exactly one of `kind` and `agent`",
+            ));
+        }
+    }
+    .priority(priority);
+    if let Some(ms) = b.timeout_ms {
+        if ms == 0 {
+            return Err(ApiError::bad_request("invalid_task", "`timeout_ms` must be above zero"));
+        }
+        task = task.timeout(Duration::from_millis(ms));
+    }
+    if b.retries > 0 {
+        task = task.retry(RetryPolicy::attempts(b.retries.saturating_add(1), Duration::from_millis(10)));
+    }
+    if b.sandbox {
+        task = task.sandboxed();
+    }
+    let handle = state.runtime.try_submit(task).map_err(|r| ApiError::from(r.error))?;
+    let id = handle.id();
+    state.store.insert(TaskRecord::pending(id, priority));
+    if query.wait {
+        let outcome = handle.await;
+        let record = TaskRecord::done(id, priority, &outcome);
+        state.store.update(record.clone());
+        return Ok((StatusCode::OK, Json(record)).into_response());
+    }
+    let st = state.clone();
+    tokio::spawn(async move {
+        let outcome = handle.await;
+        st.store.update(TaskRecord::done(id, priority, &outcome));
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id.0, "status": "pending" })),
+    )
+        .into_response())
+}
+
+/// `POST /v1/messages` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    topic: Option<String>,
+    agent: Option<u32>,
+    #[serde(default)]
+    payload: String,
+}
+
+async fn send_message(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let b: MessageBody = read_json(&state, &headers, body).await?;
+    check_payload(&state, &b.payload)?;
+    let bus = state.runtime.bus();
+    let (delivered, dropped) = match (b.topic, b.agent) {
+        (Some(topic), None) => {
+            let r = bus.publish(&topic, b.payload).await?;
+            (r.delivered, r.dropped)
+        }
+        (None, Some(agent)) => match bus.send(AgentId(agent), b.payload).await? {
+            troupe::Delivery::Delivered => (1, 0),
+            troupe::Delivery::Dropped => (0, 1),
+        },
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_target",
+                "give exactly one of `topic` and `agent`",
+            ));
+        }
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "delivered": delivered, "dropped": dropped })),
+    )
+        .into_response())
+}

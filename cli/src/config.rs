@@ -164,7 +164,12 @@ impl NodeConfig {
                 reason: "must be at least 1".into(),
             });
         }
-        if config.http.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        if config
+            .http
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
             return Err(NodeConfigError::Invalid {
                 path: origin.to_owned(),
                 field: "http.token".into(),
@@ -177,10 +182,12 @@ impl NodeConfig {
     /// Applies the catalogue (or the default pool) and validates the runtime settings.
     pub fn resolve(self, origin: &str) -> Result<Resolved, NodeConfigError> {
         let catalogue = match &self.catalog {
-            Some(path) => Catalogue::from_file(path).map_err(|source| NodeConfigError::Catalogue {
-                path: path.display().to_string(),
-                source,
-            })?,
+            Some(path) => {
+                Catalogue::from_file(path).map_err(|source| NodeConfigError::Catalogue {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
             None => Catalogue::default_pool().map_err(|source| NodeConfigError::Catalogue {
                 path: "default".into(),
                 source,
@@ -201,10 +208,12 @@ impl NodeConfig {
                 command: default_worker_command(),
             });
         }
-        runtime.validate().map_err(|source| NodeConfigError::Runtime {
-            path: origin.to_owned(),
-            source,
-        })?;
+        runtime
+            .validate()
+            .map_err(|source| NodeConfigError::Runtime {
+                path: origin.to_owned(),
+                source,
+            })?;
         Ok(Resolved {
             node: self,
             runtime,

@@ -19,7 +19,11 @@ use crate::config::{LogFormat, NodeConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(name = "troupe", version, about = "An actor runtime for pools of agents")]
+#[command(
+    name = "troupe",
+    version,
+    about = "An actor runtime for pools of agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,7 +85,10 @@ fn pool(catalog: Option<PathBuf>) -> anyhow::Result<()> {
             p.display().to_string(),
             troupe_agents::Catalogue::from_file(p)?,
         ),
-        None => ("default".to_owned(), troupe_agents::Catalogue::default_pool()?),
+        None => (
+            "default".to_owned(),
+            troupe_agents::Catalogue::default_pool()?,
+        ),
     };
     println!(
         "pool {name}: {} agents of {} allowed, {} tiers",
@@ -89,7 +96,10 @@ fn pool(catalog: Option<PathBuf>) -> anyhow::Result<()> {
         catalogue.max_agents,
         catalogue.tiers.len()
     );
-    println!("{:<14} {:<13} {:<10} {:>6}  agents", "tier", "strategy", "restart", "count");
+    println!(
+        "{:<14} {:<13} {:<10} {:>6}  agents",
+        "tier", "strategy", "restart", "count"
+    );
     for t in &catalogue.tiers {
         let count: usize = t.agents.iter().map(|a| a.count).sum();
         let groups: Vec<String> = t
@@ -194,7 +204,10 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         // Close admission and drain first: requests waiting on tasks get their outcomes.
         let report = runtime.shutdown().await;
         let _ = stop_http.send(());
-        server.await.context("HTTP server task")?.context("HTTP server")?;
+        server
+            .await
+            .context("HTTP server task")?
+            .context("HTTP server")?;
         tracing::info!(
             drained = report.drained,
             cancelled = report.cancelled,

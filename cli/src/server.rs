@@ -120,7 +120,9 @@ impl From<BusError> for ApiError {
     fn from(e: BusError) -> Self {
         let message = e.to_string();
         match e {
-            BusError::NoSuchAgent(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_agent", message),
+            BusError::NoSuchAgent(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_agent", message)
+            }
             BusError::MailboxFull { .. } => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "mailbox_full", message)
@@ -143,15 +145,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/health", get(|| async { Json(json!({ "status": "alive" })) }))
+        .route(
+            "/health",
+            get(|| async { Json(json!({ "status": "alive" })) }),
+        )
         .route("/health/ready", get(ready))
         .route("/stats", get(stats))
         .route("/v1/tasks/{id}", get(task_status))
         .route("/v1/agents", get(agents))
         .merge(mutating)
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-        })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -228,7 +231,10 @@ async fn require_token(
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.exporter.render(),
     )
         .into_response()
@@ -250,7 +256,8 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
 
 async fn agents(State(state): State<Arc<AppState>>) -> Response {
     let h = state.runtime.health();
-    Json(json!({ "agents": h.agents, "max_agents": h.max_agents, "tiers": h.tiers })).into_response()
+    Json(json!({ "agents": h.agents, "max_agents": h.max_agents, "tiers": h.tiers }))
+        .into_response()
 }
 
 async fn task_status(
@@ -351,8 +358,7 @@ async fn submit_task(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let b: SubmitBody = read_json(&state, &headers, body).await?;
     check_payload(&state, &b.payload)?;
     let priority = match b.priority.as_deref() {
@@ -374,17 +380,26 @@ async fn submit_task(
     .priority(priority);
     if let Some(ms) = b.timeout_ms {
         if ms == 0 {
-            return Err(ApiError::bad_request("invalid_task", "`timeout_ms` must be above zero"));
+            return Err(ApiError::bad_request(
+                "invalid_task",
+                "`timeout_ms` must be above zero",
+            ));
         }
         task = task.timeout(Duration::from_millis(ms));
     }
     if b.retries > 0 {
-        task = task.retry(RetryPolicy::attempts(b.retries.saturating_add(1), Duration::from_millis(10)));
+        task = task.retry(RetryPolicy::attempts(
+            b.retries.saturating_add(1),
+            Duration::from_millis(10),
+        ));
     }
     if b.sandbox {
         task = task.sandboxed();
     }
-    let handle = state.runtime.try_submit(task).map_err(|r| ApiError::from(r.error))?;
+    let handle = state
+        .runtime
+        .try_submit(task)
+        .map_err(|r| ApiError::from(r.error))?;
     let id = handle.id();
     state.store.insert(TaskRecord::pending(id, priority));
     if query.wait {

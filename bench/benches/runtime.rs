@@ -139,5 +139,69 @@ async fn start_pool() -> troupe_bench::Pool {
     start(AGENTS).await
 }
 
-criterion_group!(benches, bus, tasks, startup);
+/// The same task and bus workloads with latency telemetry on (the default) and off.
+fn telemetry(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("telemetry");
+    for on in [true, false] {
+        let label = if on { "on" } else { "off" };
+        let pool = rt.block_on(troupe_bench::start_with(AGENTS, |c| {
+            c.telemetry.latency_histograms = on;
+        }));
+        let handle = pool.runtime.handle();
+        let window = 10_000u64;
+        g.throughput(Throughput::Elements(window));
+        g.bench_function(BenchmarkId::new("tasks", label), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let handle = &handle;
+                async move {
+                    let mut handles = Vec::with_capacity(window as usize);
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        for i in 0..window {
+                            let p = Priority::ALL[(i % 5) as usize];
+                            let task = Task::new("noop", Bytes::from_static(b"x")).priority(p);
+                            handles.push(handle.try_submit(task).expect("admitted"));
+                        }
+                        for h in handles.drain(..) {
+                            assert!(h.await.is_ok());
+                        }
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+        let bus = pool.runtime.bus();
+        let per_agent = 64u64;
+        g.throughput(Throughput::Elements(per_agent * AGENTS as u64));
+        g.bench_function(BenchmarkId::new("bus_direct", label), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (bus, pool) = (&bus, &pool);
+                async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        for _ in 0..per_agent {
+                            for a in 0..AGENTS as u32 {
+                                while bus.try_send(AgentId(a), Bytes::from_static(b"m")).is_err() {
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                        }
+                        for a in 0..AGENTS as u32 {
+                            while bus.try_send(AgentId(a), Bytes::from_static(FIN)).is_err() {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        pool.wait_done(AGENTS as u64).await;
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+        rt.block_on(pool.runtime.shutdown());
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bus, tasks, startup, telemetry);
 criterion_main!(benches);

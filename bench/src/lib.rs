@@ -61,9 +61,16 @@ pub fn base_config() -> RuntimeConfig {
 
 /// Starts `agents` no-op agents.
 pub async fn start(agents: usize) -> Pool {
+    start_with(agents, |_| {}).await
+}
+
+/// Starts `agents` no-op agents with `tweak` applied to the config.
+pub async fn start_with(agents: usize, tweak: impl FnOnce(&mut RuntimeConfig)) -> Pool {
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
-    let runtime = Runtime::builder(config(agents))
+    let mut config = config(agents);
+    tweak(&mut config);
+    let runtime = Runtime::builder(config)
         .register("noop", move |_: &AgentSpec| NoOp { done: d.clone() })
         .start()
         .await

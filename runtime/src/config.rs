@@ -51,6 +51,8 @@ pub struct RuntimeConfig {
     pub root: IntensityConfig,
     /// Liveness watchdog timing.
     pub liveness: LivenessConfig,
+    /// What the runtime measures.
+    pub telemetry: TelemetryConfig,
     /// The tri-sandbox: which kinds can run on three lanes, and how.
     pub sandbox: crate::sandbox::SandboxConfig,
     /// The tiers, started in this order and stopped in reverse.
@@ -70,6 +72,7 @@ impl Default for RuntimeConfig {
                 period: Duration::from_secs(60),
             },
             liveness: LivenessConfig::default(),
+            telemetry: TelemetryConfig::default(),
             sandbox: crate::sandbox::SandboxConfig::default(),
             tiers: Vec::new(),
         }
@@ -150,6 +153,24 @@ impl Default for ShutdownConfig {
         ShutdownConfig {
             drain_timeout: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the runtime measures. Counters (submitted, outcomes, rejections, messages) always run:
+/// shutdown accounting relies on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// HDR latency histograms: queue wait, handler time, submit → outcome, bus delivery.
+    /// Off, `stats()` percentiles and the `_seconds` histograms stay empty.
+    pub latency_histograms: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            latency_histograms: true,
         }
     }
 }

@@ -86,8 +86,9 @@ mod worker;
 pub use agent::{Agent, AgentContext, AgentError, AgentFactory, AgentId, AgentSpec, ExitReason};
 pub use bus::{Bus, Delivery, Message, MessageKind, Overflow, PublishReport, Topic, TraceContext};
 pub use config::{
-    AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, MailboxConfig,
-    QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig, TierConfig,
+    AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, LivenessConfig,
+    MailboxConfig, QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig, TelemetryConfig,
+    TierConfig,
 };
 pub use error::{BusError, ConfigError, ParsePriorityError, Rejected, StartError, SubmitError};
 pub use export::{BUCKETS, HistogramHandle, MetricsExporter};

@@ -700,6 +700,7 @@ impl RuntimeBuilder {
         debug_assert_eq!(groups.len(), capability_names.len() + agents.len());
 
         let agent_count = agents.len();
+        let latency_histograms = config.telemetry.latency_histograms;
         let job_capacity: usize = config.queues.capacity.0.iter().sum();
         let sandbox = Sandbox::new(config.sandbox.clone(), &policies, job_capacity);
         let shared = Arc::new_cyclic(|weak| Shared {
@@ -710,7 +711,7 @@ impl RuntimeBuilder {
             agents: agents.into_boxed_slice(),
             groups: groups.into_boxed_slice(),
             capability_index,
-            telemetry: Telemetry::new(),
+            telemetry: Telemetry::new(latency_histograms),
             topics: DashMap::new(),
             tiers: tiers.into_boxed_slice(),
             root: Mutex::new(RootState::default()),

@@ -78,13 +78,13 @@ impl StripedCounter {
 /// An HDR latency histogram in nanoseconds, striped per thread.
 pub(crate) struct LatencyHistogram {
     stripes: [CachePadded<Mutex<Option<Histogram<u64>>>>; STRIPES],
+    /// False when telemetry is switched off: recording is then a single branch.
+    enabled: bool,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram {
-            stripes: std::array::from_fn(|_| CachePadded::new(Mutex::new(None))),
-        }
+        Self::new(true)
     }
 }
 
@@ -99,9 +99,19 @@ fn lock_any<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl LatencyHistogram {
+    pub(crate) fn new(enabled: bool) -> Self {
+        LatencyHistogram {
+            stripes: std::array::from_fn(|_| CachePadded::new(Mutex::new(None))),
+            enabled,
+        }
+    }
+
     /// Records one sample of `nanos` nanoseconds.
     #[inline]
     pub(crate) fn record(&self, nanos: u64) {
+        if !self.enabled {
+            return;
+        }
         let first = stripe();
         for k in 0..STRIPES {
             let stripe = &self.stripes[(first + k) % STRIPES];
@@ -195,16 +205,17 @@ pub(crate) struct Telemetry {
 }
 
 impl Telemetry {
-    pub(crate) fn new() -> Self {
+    /// `latency` switches the latency histograms on or off (counters always run).
+    pub(crate) fn new(latency: bool) -> Self {
         Telemetry {
             submitted: PerPriority::from_fn(|_| StripedCounter::default()),
             completed: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
             rejected: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
-            queue_wait: PerPriority::from_fn(|_| LatencyHistogram::default()),
-            handler: PerPriority::from_fn(|_| LatencyHistogram::default()),
-            latency: PerPriority::from_fn(|_| LatencyHistogram::default()),
+            queue_wait: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
+            handler: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
+            latency: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
             bus_messages: std::array::from_fn(|_| StripedCounter::default()),
-            bus_delivery: std::array::from_fn(|_| LatencyHistogram::default()),
+            bus_delivery: std::array::from_fn(|_| LatencyHistogram::new(latency)),
             bus_dropped_mailbox_full: StripedCounter::default(),
             bus_dropped_no_such_agent: StripedCounter::default(),
             bus_dropped_timeout: StripedCounter::default(),

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use troupe::{AgentId, Priority, Task};
-use troupe_bench::{FIN, start};
+use troupe::AgentId;
+use troupe_bench::{FIN, direct_burst, start, task_window};
 
 const AGENTS: usize = 928;
 
@@ -30,23 +30,11 @@ fn bus(c: &mut Criterion) {
     g.throughput(Throughput::Elements(per_agent * AGENTS as u64));
     g.bench_function(BenchmarkId::new("direct", AGENTS), |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let (bus, payload, fin, pool) = (&bus, &payload, &fin, &pool);
+            let (bus, pool) = (&bus, &pool);
             async move {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    for _ in 0..per_agent {
-                        for a in 0..AGENTS as u32 {
-                            while bus.try_send(AgentId(a), payload.clone()).is_err() {
-                                tokio::task::yield_now().await;
-                            }
-                        }
-                    }
-                    for a in 0..AGENTS as u32 {
-                        while bus.try_send(AgentId(a), fin.clone()).is_err() {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                    pool.wait_done(AGENTS as u64).await;
+                    direct_burst(bus, pool, AGENTS as u32, per_agent).await;
                 }
                 start.elapsed()
             }
@@ -99,14 +87,7 @@ fn tasks(c: &mut Criterion) {
                 let mut handles = Vec::with_capacity(window as usize);
                 let start = Instant::now();
                 for _ in 0..iters {
-                    for i in 0..window {
-                        let p = Priority::ALL[(i % 5) as usize];
-                        let task = Task::new("noop", Bytes::from_static(b"x")).priority(p);
-                        handles.push(handle.try_submit(task).expect("admitted"));
-                    }
-                    for h in handles.drain(..) {
-                        assert!(h.await.is_ok());
-                    }
+                    task_window(handle, "noop", window, false, &mut handles).await;
                 }
                 start.elapsed()
             }
@@ -158,14 +139,7 @@ fn telemetry(c: &mut Criterion) {
                     let mut handles = Vec::with_capacity(window as usize);
                     let start = Instant::now();
                     for _ in 0..iters {
-                        for i in 0..window {
-                            let p = Priority::ALL[(i % 5) as usize];
-                            let task = Task::new("noop", Bytes::from_static(b"x")).priority(p);
-                            handles.push(handle.try_submit(task).expect("admitted"));
-                        }
-                        for h in handles.drain(..) {
-                            assert!(h.await.is_ok());
-                        }
+                        task_window(handle, "noop", window, false, &mut handles).await;
                     }
                     start.elapsed()
                 }
@@ -180,19 +154,7 @@ fn telemetry(c: &mut Criterion) {
                 async move {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        for _ in 0..per_agent {
-                            for a in 0..AGENTS as u32 {
-                                while bus.try_send(AgentId(a), Bytes::from_static(b"m")).is_err() {
-                                    tokio::task::yield_now().await;
-                                }
-                            }
-                        }
-                        for a in 0..AGENTS as u32 {
-                            while bus.try_send(AgentId(a), Bytes::from_static(FIN)).is_err() {
-                                tokio::task::yield_now().await;
-                            }
-                        }
-                        pool.wait_done(AGENTS as u64).await;
+                        direct_burst(bus, pool, AGENTS as u32, per_agent).await;
                     }
                     start.elapsed()
                 }

@@ -2,10 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use troupe::sandbox::{LaneMode, ProcessConfig, SandboxKindConfig};
-use troupe::{RuntimeConfig, Task, TierConfig};
+use troupe::{RuntimeConfig, TierConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_troupe-bench-worker");
 
@@ -52,16 +51,8 @@ fn bench(c: &mut Criterion) {
                     let mut handles = Vec::with_capacity(window as usize);
                     let start = Instant::now();
                     for _ in 0..iters {
-                        for _ in 0..window {
-                            let mut task = Task::new("echo", Bytes::from_static(b"x"));
-                            if sandboxed {
-                                task = task.sandboxed();
-                            }
-                            handles.push(handle.try_submit(task).expect("admitted"));
-                        }
-                        for h in handles.drain(..) {
-                            assert!(h.await.is_ok());
-                        }
+                        troupe_bench::task_window(handle, "echo", window, sandboxed, &mut handles)
+                            .await;
                     }
                     start.elapsed()
                 }

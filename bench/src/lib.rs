@@ -13,6 +13,7 @@ use troupe::{
     Agent, AgentContext, AgentSpec, Message, Runtime, RuntimeConfig, TaskError, TaskRequest,
     TierConfig,
 };
+use troupe::{AgentId, Bus, Priority, RuntimeHandle, Task};
 
 /// The payload that ends a burst.
 pub const FIN: &[u8] = b"fin";
@@ -86,4 +87,46 @@ impl Pool {
         }
         self.done.store(0, Ordering::Release);
     }
+}
+
+/// Submits `window` no-op tasks to `kind` over all five priorities (optionally sandboxed) and
+/// awaits every outcome; `handles` is reused between calls.
+pub async fn task_window(
+    handle: &RuntimeHandle,
+    kind: &'static str,
+    window: u64,
+    sandboxed: bool,
+    handles: &mut Vec<troupe::TaskHandle>,
+) {
+    for i in 0..window {
+        let mut task =
+            Task::new(kind, Bytes::from_static(b"x")).priority(Priority::ALL[(i % 5) as usize]);
+        if sandboxed {
+            task = task.sandboxed();
+        }
+        handles.push(handle.try_submit(task).expect("admitted"));
+    }
+    for h in handles.drain(..) {
+        assert!(h.await.is_ok());
+    }
+}
+
+/// Sends `per_agent` messages to each of `agents` agents round-robin, then a `fin` to each,
+/// and waits until every agent has handled its `fin`.
+pub async fn direct_burst(bus: &Bus, pool: &Pool, agents: u32, per_agent: u64) {
+    let send =
+        |to: u32, payload: &'static [u8]| bus.try_send(AgentId(to), Bytes::from_static(payload));
+    for _ in 0..per_agent {
+        for a in 0..agents {
+            while send(a, b"m").is_err() {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    for a in 0..agents {
+        while send(a, FIN).is_err() {
+            tokio::task::yield_now().await;
+        }
+    }
+    pool.wait_done(u64::from(agents)).await;
 }

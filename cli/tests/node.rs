@@ -424,3 +424,29 @@ fn pool_and_check_validate_and_report() {
         assert!(err.contains(needle), "{text}: {err}");
     }
 }
+
+#[test]
+fn the_readme_node_config_is_valid() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("```toml\ncatalog =")
+        .expect("README has a node config")
+        + "```toml\n".len();
+    let len = readme[start..].find("```").unwrap();
+    let pool = concat!(env!("CARGO_MANIFEST_DIR"), "/../agents/pool.toml");
+    let text = readme[start..start + len].replace("\"agents/pool.toml\"", &format!("{pool:?}"));
+    let d = dir();
+    let path = d.path().join("readme.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(TROUPE)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -402,6 +402,33 @@ impl Bus {
         Ok(report)
     }
 
+    /// The recipient's slot, counting a send to nobody.
+    fn recipient(&self, to: AgentId) -> Result<&crate::slot::AgentSlot, BusError> {
+        self.shared.slot(to).ok_or_else(|| {
+            self.shared.telemetry.bus_dropped_no_such_agent.increment(1);
+            BusError::NoSuchAgent(to)
+        })
+    }
+
+    /// Puts a message into a mailbox slot already reserved, and wakes the agent.
+    #[inline]
+    fn push(&self, slot: &crate::slot::AgentSlot, msg: Message) -> Delivery {
+        self.shared.telemetry.bus_messages[msg.kind.index()].increment(1);
+        slot.mailbox.queue.push(msg);
+        slot.signal.notify();
+        Delivery::Delivered
+    }
+
+    /// Counts a full mailbox and describes it.
+    fn full(&self, to: AgentId, slot: &crate::slot::AgentSlot, depth: usize) -> BusError {
+        self.shared.telemetry.bus_dropped_mailbox_full.increment(1);
+        BusError::MailboxFull {
+            agent: to,
+            depth,
+            capacity: slot.mailbox.bound.capacity(),
+        }
+    }
+
     #[inline]
     fn try_deliver(
         &self,
@@ -409,27 +436,14 @@ impl Bus {
         msg: Message,
         overflow: Overflow,
     ) -> Result<Delivery, BusError> {
-        let t = &self.shared.telemetry;
-        let Some(slot) = self.shared.slot(to) else {
-            t.bus_dropped_no_such_agent.increment(1);
-            return Err(BusError::NoSuchAgent(to));
-        };
+        let slot = self.recipient(to)?;
         match slot.mailbox.bound.try_reserve() {
-            Ok(()) => {
-                t.bus_messages[msg.kind.index()].increment(1);
-                slot.mailbox.queue.push(msg);
-                slot.signal.notify();
-                Ok(Delivery::Delivered)
-            }
+            Ok(()) => Ok(self.push(slot, msg)),
             Err(depth) => {
-                t.bus_dropped_mailbox_full.increment(1);
+                let error = self.full(to, slot, depth);
                 match overflow {
                     Overflow::DropNewest => Ok(Delivery::Dropped),
-                    Overflow::Reject | Overflow::Wait { .. } => Err(BusError::MailboxFull {
-                        agent: to,
-                        depth,
-                        capacity: slot.mailbox.bound.capacity(),
-                    }),
+                    Overflow::Reject | Overflow::Wait { .. } => Err(error),
                 }
             }
         }
@@ -444,31 +458,15 @@ impl Bus {
         let Overflow::Wait { timeout } = overflow else {
             return self.try_deliver(to, msg, overflow);
         };
-        let t = &self.shared.telemetry;
-        let Some(slot) = self.shared.slot(to) else {
-            t.bus_dropped_no_such_agent.increment(1);
-            return Err(BusError::NoSuchAgent(to));
-        };
+        let slot = self.recipient(to)?;
         match slot
             .mailbox
             .bound
             .reserve_until(Instant::now() + timeout)
             .await
         {
-            Ok(()) => {
-                t.bus_messages[msg.kind.index()].increment(1);
-                slot.mailbox.queue.push(msg);
-                slot.signal.notify();
-                Ok(Delivery::Delivered)
-            }
-            Err(depth) => {
-                t.bus_dropped_mailbox_full.increment(1);
-                Err(BusError::MailboxFull {
-                    agent: to,
-                    depth,
-                    capacity: slot.mailbox.bound.capacity(),
-                })
-            }
+            Ok(()) => Ok(self.push(slot, msg)),
+            Err(depth) => Err(self.full(to, slot, depth)),
         }
     }
 }

@@ -235,6 +235,14 @@ impl Shared {
         }
     }
 
+    fn queue_full(&self, priority: Priority, depth: usize) -> SubmitError {
+        SubmitError::QueueFull {
+            priority,
+            depth,
+            capacity: self.admission.level(priority).capacity(),
+        }
+    }
+
     fn reject(&self, task: Task, error: SubmitError) -> Rejected {
         self.telemetry.rejected[task.priority][Telemetry::rejected_index(error.reason_label())]
             .increment(1);
@@ -394,13 +402,8 @@ impl RuntimeHandle {
             Ok(g) => g,
             Err(e) => return Err(s.reject(task, e)),
         };
-        let level = s.admission.level(task.priority);
-        if let Err(depth) = level.try_reserve() {
-            let error = SubmitError::QueueFull {
-                priority: task.priority,
-                depth,
-                capacity: level.capacity(),
-            };
+        if let Err(depth) = s.admission.level(task.priority).try_reserve() {
+            let error = s.queue_full(task.priority, depth);
             return Err(s.reject(task, error));
         }
         s.admit(task, group)
@@ -415,11 +418,7 @@ impl RuntimeHandle {
         };
         let level = s.admission.level(task.priority);
         if let Err(depth) = level.reserve_until(Instant::now() + max_wait).await {
-            let error = SubmitError::QueueFull {
-                priority: task.priority,
-                depth,
-                capacity: level.capacity(),
-            };
+            let error = s.queue_full(task.priority, depth);
             return Err(s.reject(task, error));
         }
         s.admit(task, group)
@@ -447,11 +446,7 @@ impl RuntimeHandle {
             .ok_or_else(|| rejected(SubmitError::Invalid("not a sandbox kind".into())))?;
         let level = s.admission.level(priority);
         if let Err(depth) = level.try_reserve() {
-            return Err(rejected(SubmitError::QueueFull {
-                priority,
-                depth,
-                capacity: level.capacity(),
-            }));
+            return Err(rejected(s.queue_full(priority, depth)));
         }
         s.admit_enter.increment(1);
         if s.is_closed() {

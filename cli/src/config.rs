@@ -117,6 +117,29 @@ pub struct LogConfig {
     pub level: Option<String>,
 }
 
+/// Span export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/HTTP traces endpoint (for example `http://127.0.0.1:4318/v1/traces`); no export
+    /// when absent. Needs a build with the `otel` feature.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Which spans to export (an `EnvFilter` directive): task and bus spans are `debug`.
+    pub filter: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: "troupe".into(),
+            filter: "troupe=debug,info".into(),
+        }
+    }
+}
+
 /// The whole node config.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -127,6 +150,8 @@ pub struct NodeConfig {
     pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Span export over OTLP.
+    pub tracing: TracingConfig,
     /// Runtime settings (its `tiers` are replaced by the catalogue's).
     pub runtime: RuntimeConfig,
 }
@@ -162,6 +187,13 @@ impl NodeConfig {
                 path: origin.to_owned(),
                 field: "http.max_payload_bytes".into(),
                 reason: "must be at least 1".into(),
+            });
+        }
+        if config.tracing.otlp_endpoint.is_some() && !cfg!(feature = "otel") {
+            return Err(NodeConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "tracing.otlp_endpoint".into(),
+                reason: "this build has no OTLP exporter (build with `--features otel`)".into(),
             });
         }
         if config

@@ -138,20 +138,79 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logs(format: LogFormat, level: Option<&str>) {
+/// Installs logging (stderr, plain or JSON, level from RUST_LOG / LOG_LEVEL / config) and,
+/// with the `otel` feature and an endpoint, span export over OTLP. Returns the tracer provider
+/// to flush at exit.
+fn init_telemetry(node: &NodeConfig) -> anyhow::Result<Option<Otel>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_default()))
         .ok()
-        .filter(|f| f.to_string() != "")
-        .unwrap_or_else(|| EnvFilter::new(level.unwrap_or("info")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Plain => builder.try_init(),
+        .or_else(|| {
+            std::env::var("LOG_LEVEL")
+                .ok()
+                .and_then(|l| EnvFilter::try_new(l).ok())
+        })
+        .unwrap_or_else(|| EnvFilter::new(node.log.level.as_deref().unwrap_or("info")));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = match node.log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Plain => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let (otel_layer, otel) = otel_layer(node)?;
+    let mut layers: Vec<BoxedLayer> = vec![fmt.with_filter(filter).boxed()];
+    layers.extend(otel_layer);
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(otel)
+}
+
+#[cfg(feature = "otel")]
+type Otel = opentelemetry_sdk::trace::SdkTracerProvider;
+#[cfg(not(feature = "otel"))]
+type Otel = ();
+
+type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+#[cfg(feature = "otel")]
+fn otel_layer(node: &NodeConfig) -> anyhow::Result<(Option<BoxedLayer>, Option<Otel>)> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use tracing_subscriber::Layer;
+    let Some(endpoint) = node.tracing.otlp_endpoint.clone() else {
+        return Ok((None, None));
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint.clone())
+        .build()
+        .with_context(|| format!("building the OTLP exporter for {endpoint}"))?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(node.tracing.service_name.clone())
+                .build(),
+        )
+        .build();
+    let filter = EnvFilter::try_new(&node.tracing.filter)
+        .with_context(|| format!("tracing.filter `{}`", node.tracing.filter))?;
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("troupe"))
+        .with_filter(filter)
+        .boxed();
+    Ok((Some(layer), Some(provider)))
+}
+
+#[cfg(not(feature = "otel"))]
+fn otel_layer(_: &NodeConfig) -> anyhow::Result<(Option<BoxedLayer>, Option<Otel>)> {
+    Ok((None, None))
 }
 
 fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
@@ -163,7 +222,7 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
     if let Some(addr) = listen {
         resolved.node.http.listen = addr;
     }
-    init_logs(resolved.node.log.format, resolved.node.log.level.as_deref());
+    let otel = init_telemetry(&resolved.node)?;
     let http = resolved.node.http.clone();
     if http.token.is_none() && !http.listen.ip().is_loopback() && !http.allow_non_loopback {
         bail!(
@@ -218,9 +277,24 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
             "stopped: drained {} cancelled {} abandoned {}",
             report.drained, report.cancelled, report.abandoned
         );
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    })?;
+    flush(otel);
+    Ok(())
 }
+
+/// Exports the spans still buffered.
+#[cfg(feature = "otel")]
+fn flush(otel: Option<Otel>) {
+    if let Some(provider) = otel {
+        if let Err(e) = provider.shutdown() {
+            eprintln!("troupe: flushing spans: {e}");
+        }
+    }
+}
+
+#[cfg(not(feature = "otel"))]
+fn flush(_: Option<Otel>) {}
 
 async fn shutdown_signal() {
     let ctrl_c = async {

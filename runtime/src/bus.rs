@@ -189,7 +189,7 @@ impl Bus {
             from: self.from,
             topic,
             payload,
-            trace: TraceContext::default(),
+            trace: crate::trace::current(),
             kind,
             reply: None,
             sent_at: Instant::now(),
@@ -240,10 +240,27 @@ impl Bus {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
+        use tracing::Instrument;
+        let span = tracing::debug_span!(
+            "troupe.bus.request",
+            to = to.0,
+            timeout_ms = timeout.as_millis() as u64
+        );
+        self.request_inner(to, payload.into(), timeout)
+            .instrument(span)
+            .await
+    }
+
+    async fn request_inner(
+        &self,
+        to: AgentId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
         self.check_open()?;
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
-        let mut msg = self.message(MessageKind::Request, None, payload.into());
+        let mut msg = self.message(MessageKind::Request, None, payload);
         msg.reply = Some(tx);
         let until = started + timeout;
         let policy = Overflow::Wait { timeout };

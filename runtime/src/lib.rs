@@ -81,6 +81,7 @@ mod slot;
 mod supervisor;
 mod task;
 mod telemetry;
+mod trace;
 mod worker;
 
 pub use agent::{Agent, AgentContext, AgentError, AgentFactory, AgentId, AgentSpec, ExitReason};

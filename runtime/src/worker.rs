@@ -17,6 +17,7 @@ use std::time::Instant;
 use std::sync::atomic::Ordering;
 
 use futures_util::FutureExt;
+use tracing::Instrument;
 
 use crate::agent::{Agent, AgentContext, AgentFactory, ExitReason};
 use crate::runtime::Shared;
@@ -121,7 +122,14 @@ async fn serve<A: Agent>(
                 .telemetry
                 .delivered(msg.kind, elapsed_ns(msg.sent_at));
             let reply = msg.reply.take();
-            let handler = AssertUnwindSafe(agent.on_message(msg, ctx)).catch_unwind();
+            let span = tracing::debug_span!(
+                "troupe.bus.message",
+                kind = msg.kind.as_str(),
+                from = msg.from.map(|a| a.0)
+            );
+            crate::trace::adopt(&span, &msg.trace);
+            let handler =
+                AssertUnwindSafe(agent.on_message(msg, ctx).instrument(span)).catch_unwind();
             let cancel = CancelSignal { shared, slot };
             let answer = tokio::select! {
                 biased;
@@ -223,7 +231,8 @@ async fn run_task<A: Agent>(
 ) -> Option<ExitReason> {
     let now = Instant::now();
     let p = task.priority;
-    shared.telemetry.queue_wait[p].record(nanos_between(task.enqueued_at, now));
+    let enqueued_at = task.enqueued_at;
+    shared.telemetry.queue_wait[p].record(nanos_between(enqueued_at, now));
     if shared.is_cancelling() {
         shared.finish(task, Outcome::Cancelled);
         return None;
@@ -252,8 +261,17 @@ async fn run_task<A: Agent>(
             .store(shared.ms_at(limit).max(1), Ordering::Release);
     }
     slot.in_flight.put(task, incarnation);
+    let span = tracing::debug_span!(
+        "troupe.task",
+        task.id = request.id.0,
+        priority = p.as_str(),
+        attempt = request.attempt,
+        queue_wait_us = nanos_between(enqueued_at, now) / 1_000,
+        outcome = tracing::field::Empty
+    );
+    let span_handle = span.clone();
     let ran = {
-        let handler = AssertUnwindSafe(agent.handle(request, ctx)).catch_unwind();
+        let handler = AssertUnwindSafe(agent.handle(request, ctx).instrument(span)).catch_unwind();
         let cancel = CancelSignal { shared, slot };
         match limit {
             Some(limit) => {
@@ -281,6 +299,14 @@ async fn run_task<A: Agent>(
         ));
     };
     slot.deadline_ms.store(0, Ordering::Release);
+    let kind = match &ran {
+        Ran::Done(Ok(Ok(_))) => "ok",
+        Ran::Done(Ok(Err(_))) => "error",
+        Ran::Done(Err(_)) => "panic",
+        Ran::TimedOut => "timeout",
+        Ran::Cancelled => "cancelled",
+    };
+    span_handle.record("outcome", kind);
     match ran {
         Ran::Done(Ok(Ok(output))) => shared.finish(task, Outcome::Ok(output)),
         Ran::Done(Ok(Err(e))) => shared.retry_or_finish(task, Outcome::Error(e)),

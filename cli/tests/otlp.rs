@@ -1,0 +1,112 @@
+//! OTLP export (feature `otel`): a loopback collector receives the node's spans, and the trace
+//! context carried by bus messages links a router's request to the handler that answered it.
+#![cfg(feature = "otel")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use common::Node;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+
+/// Accepts OTLP/HTTP posts on loopback and keeps their bodies.
+fn collector() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let store = bodies.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    store.lock().unwrap().push(body);
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/v1/traces"), bodies)
+}
+
+#[test]
+fn spans_reach_the_collector_and_a_bus_conversation_is_one_trace() {
+    let (endpoint, bodies) = collector();
+    let d = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        d.path(),
+        &format!("[tracing]\notlp_endpoint = \"{endpoint}\"\n"),
+    );
+    let r = node.post("/v1/tasks?wait=true", r#"{"kind":"reply","payload":"x"}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A router asks two echo agents over the bus.
+    let r = node.post(
+        "/v1/tasks?wait=true",
+        r#"{"kind":"review","payload":"reply*2:hi"}"#,
+    );
+    assert_eq!(r.json()["outcome"], "ok", "{}", r.body);
+    let (ok, _) = node.terminate(); // flushes the exporter
+    assert!(ok);
+
+    let mut spans = Vec::new();
+    for body in bodies.lock().unwrap().iter() {
+        let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+        for rs in req.resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+    }
+    let named = |n: &str| spans.iter().filter(|s| s.name == n).collect::<Vec<_>>();
+    assert!(
+        named("troupe.task").len() >= 2,
+        "{:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let requests = named("troupe.bus.request");
+    let messages = named("troupe.bus.message");
+    assert_eq!(requests.len(), 2);
+    assert_eq!(messages.len(), 2);
+    // Each answering handler's span is a child of a request span, in the same trace.
+    for m in &messages {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.trace_id == m.trace_id && r.span_id == m.parent_span_id),
+            "message span not linked to its request"
+        );
+    }
+    // And the requests belong to the router's task span.
+    let tasks = named("troupe.task");
+    for r in &requests {
+        assert!(
+            tasks
+                .iter()
+                .any(|t| t.trace_id == r.trace_id && t.span_id == r.parent_span_id)
+        );
+    }
+}

@@ -332,7 +332,18 @@ fn sigterm_drains_tasks_in_flight_and_exits_zero() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let (ok, out) = node.terminate();
+    node.signal_term();
+    // While it drains it is not ready, and says why; new work is refused with 503.
+    std::thread::sleep(Duration::from_millis(50));
+    let r = node.get("/health/ready");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["reasons"][0], "shutting down");
+    let r = node.post("/v1/tasks", r#"{"kind":"reply"}"#);
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (503, Some("shutting_down"))
+    );
+    let (ok, out) = node.wait();
     assert!(ok, "exit status 0");
     for w in waiters {
         let r = w.join().unwrap();

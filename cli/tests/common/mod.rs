@@ -46,12 +46,22 @@ impl Node {
         }
     }
 
-    /// Sends SIGTERM and returns (exit success, the rest of stdout).
-    pub fn terminate(mut self) -> (bool, String) {
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap();
+    }
+
+    /// Sends SIGTERM and returns (exit success, the rest of stdout).
+    pub fn terminate(self) -> (bool, String) {
+        self.signal_term();
+        self.wait()
+    }
+
+    /// Waits for the exit; returns (exit success, the rest of stdout).
+    pub fn wait(mut self) -> (bool, String) {
         let status = self.child.wait().unwrap();
         let mut rest = String::new();
         self.stdout.read_to_string(&mut rest).unwrap();

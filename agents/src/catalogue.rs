@@ -5,7 +5,6 @@
 //! names the field: an unknown agent kind, a zero or negative count, duplicate tier names, and
 //! a total over `max_agents`.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -132,19 +131,10 @@ impl Catalogue {
     pub fn from_toml_str(text: &str) -> Result<Self, CatalogueError> {
         let raw: RawCatalogue =
             toml::from_str(text).map_err(|e| CatalogueError::Parse(e.to_string()))?;
-        let mut names = HashSet::new();
         let mut total: i64 = 0;
         let mut tiers = Vec::with_capacity(raw.tiers.len());
+        // Tier names (empty, duplicate) are checked by the runtime's own validation below.
         for (i, t) in raw.tiers.into_iter().enumerate() {
-            if t.name.trim().is_empty() {
-                return Err(invalid(format!("tiers[{i}].name"), "must not be empty"));
-            }
-            if !names.insert(t.name.clone()) {
-                return Err(invalid(
-                    format!("tiers[{i}].name"),
-                    format!("duplicate tier name `{}`", t.name),
-                ));
-            }
             if t.agents.is_empty() {
                 return Err(invalid(
                     format!("tiers[{i}].agents"),

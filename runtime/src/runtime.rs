@@ -696,8 +696,7 @@ impl RuntimeBuilder {
 
         let agent_count = agents.len();
         let latency_histograms = config.telemetry.latency_histograms;
-        let job_capacity: usize = config.queues.capacity.0.iter().sum();
-        let sandbox = Sandbox::new(config.sandbox.clone(), &policies, job_capacity);
+        let sandbox = Sandbox::new(config.sandbox.clone(), &policies);
         let shared = Arc::new_cyclic(|weak| Shared {
             lane_spawners,
             sandbox,

@@ -160,13 +160,16 @@ pub(crate) struct Sandbox {
 const TICK: Duration = Duration::from_millis(10);
 
 impl Sandbox {
-    pub(crate) fn new(config: SandboxConfig, policies: &Policies, job_capacity: usize) -> Self {
+    pub(crate) fn new(config: SandboxConfig, policies: &Policies) -> Self {
         let kinds = config
             .kinds
             .iter()
             .map(|k| {
+                // Unbounded by type, bounded in fact: a lane queue holds at most one job per
+                // admitted sandboxed task, and admission caps those per priority. (A bounded
+                // channel would allocate its whole capacity up front: ~20 MB per kind.)
                 let channels: [(async_channel::Sender<Job>, async_channel::Receiver<Job>); 3] =
-                    std::array::from_fn(|_| async_channel::bounded(job_capacity.max(1)));
+                    std::array::from_fn(|_| async_channel::unbounded());
                 let [(s0, r0), (s1, r1), (s2, r2)] = channels;
                 let policy = policies.get(&k.kind).cloned().unwrap_or_default();
                 let comparator: Arc<Comparator> = policy

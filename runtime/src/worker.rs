@@ -146,6 +146,10 @@ async fn serve<A: Agent>(
                 Ok(None) => {}
                 Err(p) => return ExitReason::Panicked(panic_message(p.as_ref())),
             }
+            // Queues are not Tokio resources, so a busy agent would never yield on its own;
+            // spend coop budget so it yields now and then and its neighbours on this worker
+            // thread (submitters included) keep running.
+            tokio::task::consume_budget().await;
         }
 
         if slot.stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -159,6 +163,7 @@ async fn serve<A: Agent>(
             if slot.incarnation.load(std::sync::atomic::Ordering::Acquire) != incarnation {
                 return ExitReason::Unresponsive("replaced while its handler was stuck".into());
             }
+            tokio::task::consume_budget().await;
             continue;
         }
         if handled > 0 {

@@ -225,3 +225,26 @@ async fn capabilities_route_to_agents_that_have_them() {
     }
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_busy_agent_yields_to_other_tasks_on_its_thread() {
+    let mut config = pool(1);
+    config.queues.capacity = troupe::PerPriority([100_000; 5]);
+    let (rt, _) = start(config).await;
+    let handles: Vec<_> = (0..50_000)
+        .map(|_| rt.try_submit(Task::new("s", "ok")).unwrap())
+        .collect();
+    // Queued behind the agent on this single thread: it must run long before the agent has
+    // drained 50 000 tasks (queues are not Tokio resources; the agent spends coop budget).
+    let handle = rt.handle();
+    let ticker = tokio::spawn(async move { handle.stats().completed().ok });
+    let done_when_ticked = ticker.await.unwrap();
+    assert!(
+        done_when_ticked < 50_000,
+        "the agent starved its thread: {done_when_ticked}"
+    );
+    for h in handles {
+        assert!(h.await.is_ok());
+    }
+    rt.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! throughput and exact latency percentiles.
 //!
 //! ```text
-//! cargo run --release -p troupe --example pool [-- --tasks 1000000 --messages 2000000]
+//! cargo run --release -p troupe --example pool [-- --tasks 1000000 --messages 2000000 --telemetry off]
 //! ```
 
 use std::sync::Arc;
@@ -52,16 +52,26 @@ impl Agent for Worker {
 struct Args {
     tasks: u64,
     messages: u64,
+    telemetry: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         tasks: 1_000_000,
         messages: 2_000_000,
+        telemetry: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        if flag == "--telemetry" {
+            args.telemetry = match value.as_str() {
+                "on" => true,
+                "off" => false,
+                other => bail!("--telemetry takes `on` or `off`, not `{other}`"),
+            };
+            continue;
+        }
         let n: u64 = value
             .replace('_', "")
             .parse()
@@ -69,7 +79,9 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--tasks" => args.tasks = n,
             "--messages" => args.messages = n,
-            other => bail!("unknown flag {other} (expected --tasks N, --messages N)"),
+            other => {
+                bail!("unknown flag {other} (expected --tasks N, --messages N, --telemetry on|off)")
+            }
         }
     }
     Ok(args)
@@ -98,11 +110,12 @@ fn resident() -> Option<String> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let config = TIERS
+    let mut config = TIERS
         .iter()
         .fold(RuntimeConfig::default(), |c, &(name, n)| {
             c.tier(TierConfig::new(name).agents("worker", n))
         });
+    config.telemetry.latency_histograms = args.telemetry;
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
     let started = Instant::now();

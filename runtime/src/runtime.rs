@@ -262,22 +262,22 @@ impl Shared {
         let (tx, rx) = oneshot::channel();
         let p = task.priority;
         self.telemetry.submitted[p].increment(1);
+        let queued = QueuedTask {
+            id,
+            priority: p,
+            payload: task.payload.clone(),
+            timeout: task.timeout,
+            deadline: task.deadline,
+            retry: task.retry,
+            attempt: 1,
+            submitted_at: now,
+            enqueued_at: now,
+            group,
+            completion: Completion::new(Some(tx)),
+        };
         if task.sandboxed {
             let lanes = self.sandbox_lanes(&task.target);
             let timeout = self.lane_timeout(&task);
-            let queued = QueuedTask {
-                id,
-                priority: p,
-                payload: task.payload.clone(),
-                timeout: task.timeout,
-                deadline: task.deadline,
-                retry: task.retry,
-                attempt: 1,
-                submitted_at: now,
-                enqueued_at: now,
-                group,
-                completion: Completion::new(Some(tx)),
-            };
             match (lanes, self.self_ref.upgrade()) {
                 (Some(lanes), Some(me)) => crate::sandbox::dispatch(
                     &me,
@@ -295,19 +295,7 @@ impl Shared {
             self.admit_exit.increment(1);
             return Ok(TaskHandle::new(id, rx));
         }
-        self.groups[group as usize].push(QueuedTask {
-            id,
-            priority: p,
-            payload: task.payload,
-            timeout: task.timeout,
-            deadline: task.deadline,
-            retry: task.retry,
-            attempt: 1,
-            submitted_at: now,
-            enqueued_at: now,
-            group,
-            completion: Completion::new(Some(tx)),
-        });
+        self.groups[group as usize].push(queued);
         self.wake_one(group);
         self.admit_exit.increment(1);
         Ok(TaskHandle::new(id, rx))

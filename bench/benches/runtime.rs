@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use troupe::AgentId;
-use troupe_bench::{FIN, direct_burst, start, task_window};
+use troupe_bench::{FIN, start, timed_direct_bursts, timed_task_windows};
 
 const AGENTS: usize = 928;
 
@@ -29,16 +29,8 @@ fn bus(c: &mut Criterion) {
     let mut g = c.benchmark_group("bus");
     g.throughput(Throughput::Elements(per_agent * AGENTS as u64));
     g.bench_function(BenchmarkId::new("direct", AGENTS), |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let (bus, pool) = (&bus, &pool);
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    direct_burst(bus, pool, AGENTS as u32, per_agent).await;
-                }
-                start.elapsed()
-            }
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| timed_direct_bursts(&bus, &pool, AGENTS as u32, per_agent, iters))
     });
 
     // Publish: one topic, 928 subscribers, `per_agent` publications then a fin.
@@ -81,17 +73,8 @@ fn tasks(c: &mut Criterion) {
     let mut g = c.benchmark_group("tasks");
     g.throughput(Throughput::Elements(window));
     g.bench_function(BenchmarkId::new("noop_submit_to_outcome", AGENTS), |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let handle = &handle;
-            async move {
-                let mut handles = Vec::with_capacity(window as usize);
-                let start = Instant::now();
-                for _ in 0..iters {
-                    task_window(handle, "noop", window, false, &mut handles).await;
-                }
-                start.elapsed()
-            }
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| timed_task_windows(&handle, "noop", window, false, iters))
     });
     g.finish();
     rt.block_on(pool.runtime.shutdown());
@@ -133,31 +116,15 @@ fn telemetry(c: &mut Criterion) {
         let window = 10_000u64;
         g.throughput(Throughput::Elements(window));
         g.bench_function(BenchmarkId::new("tasks", label), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let handle = &handle;
-                async move {
-                    let mut handles = Vec::with_capacity(window as usize);
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        task_window(handle, "noop", window, false, &mut handles).await;
-                    }
-                    start.elapsed()
-                }
-            })
+            b.to_async(&rt)
+                .iter_custom(|iters| timed_task_windows(&handle, "noop", window, false, iters))
         });
         let bus = pool.runtime.bus();
         let per_agent = 64u64;
         g.throughput(Throughput::Elements(per_agent * AGENTS as u64));
         g.bench_function(BenchmarkId::new("bus_direct", label), |b| {
             b.to_async(&rt).iter_custom(|iters| {
-                let (bus, pool) = (&bus, &pool);
-                async move {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        direct_burst(bus, pool, AGENTS as u32, per_agent).await;
-                    }
-                    start.elapsed()
-                }
+                timed_direct_bursts(&bus, &pool, AGENTS as u32, per_agent, iters)
             })
         });
         rt.block_on(pool.runtime.shutdown());

@@ -1,6 +1,6 @@
 //! Tri-sandbox throughput: the same no-op tasks run once, on thread lanes, and on process lanes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use troupe::sandbox::{LaneMode, ProcessConfig, SandboxKindConfig};
@@ -46,16 +46,7 @@ fn bench(c: &mut Criterion) {
         }
         g.bench_function(BenchmarkId::new(name, "echo"), |b| {
             b.to_async(&rt).iter_custom(|iters| {
-                let handle = &handle;
-                async move {
-                    let mut handles = Vec::with_capacity(window as usize);
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        troupe_bench::task_window(handle, "echo", window, sandboxed, &mut handles)
-                            .await;
-                    }
-                    start.elapsed()
-                }
+                troupe_bench::timed_task_windows(&handle, "echo", window, sandboxed, iters)
             })
         });
         rt.block_on(pool.shutdown());

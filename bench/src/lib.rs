@@ -89,6 +89,37 @@ impl Pool {
     }
 }
 
+/// Runs `iters` task windows (see [`task_window`]) and returns the time they took.
+pub async fn timed_task_windows(
+    handle: &RuntimeHandle,
+    kind: &'static str,
+    window: u64,
+    sandboxed: bool,
+    iters: u64,
+) -> std::time::Duration {
+    let mut handles = Vec::with_capacity(window as usize);
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        task_window(handle, kind, window, sandboxed, &mut handles).await;
+    }
+    start.elapsed()
+}
+
+/// Runs `iters` direct bursts (see [`direct_burst`]) and returns the time they took.
+pub async fn timed_direct_bursts(
+    bus: &Bus,
+    pool: &Pool,
+    agents: u32,
+    per_agent: u64,
+    iters: u64,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        direct_burst(bus, pool, agents, per_agent).await;
+    }
+    start.elapsed()
+}
+
 /// Submits `window` no-op tasks to `kind` over all five priorities (optionally sandboxed) and
 /// awaits every outcome; `handles` is reused between calls.
 pub async fn task_window(

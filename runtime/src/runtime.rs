@@ -68,6 +68,9 @@ pub(crate) struct Shared {
     pub(crate) epoch: Instant,
     /// Lets a retry timer keep the runtime alive without threading an `Arc` everywhere.
     self_ref: std::sync::Weak<Shared>,
+    /// The Tokio runtime the pool was started on. Sync entry points (`try_submit`) may be
+    /// called from threads outside it and must spawn here, not on "the current runtime".
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 /// Process-wide task id source. Each thread takes ids in blocks so the counter is touched once
@@ -706,6 +709,7 @@ impl RuntimeBuilder {
             start_failure: Mutex::new(None),
             epoch: Instant::now(),
             self_ref: weak.clone(),
+            rt: tokio::runtime::Handle::current(),
         });
 
         Sandbox::start(&shared).map_err(|e| StartError::Sandbox(e.to_string()))?;

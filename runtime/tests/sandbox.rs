@@ -286,3 +286,21 @@ async fn sandboxed_tasks_use_admission_and_answer_through_the_task_handle() {
     let report = rt.shutdown().await;
     assert_eq!(report.abandoned, 0);
 }
+
+/// `try_submit` is a plain function: a load generator or an FFI thread may call it from outside
+/// any Tokio runtime, and a sandboxed task must work from there as well as a pooled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_task_can_be_submitted_from_a_thread_outside_tokio() {
+    let rt = start_with(None).await;
+    let handle = rt.handle();
+    let submitted = std::thread::spawn(move || {
+        handle
+            .try_submit(Task::new("judge", "plain").sandboxed())
+            .map_err(|r| r.error)
+    })
+    .join()
+    .expect("the submitting thread does not panic");
+    let outcome = submitted.expect("accepted").await;
+    assert_eq!(outcome, Outcome::Ok(Bytes::from("answer")));
+    rt.shutdown().await;
+}

@@ -498,7 +498,7 @@ pub(crate) fn dispatch(
         }
     }
     let shared = shared.clone();
-    tokio::spawn(async move {
+    shared.rt.clone().spawn(async move {
         unify(shared, lanes, receivers, immediate, timeout, responder).await;
     });
 }

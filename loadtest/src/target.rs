@@ -1,0 +1,552 @@
+//! What the load is sent to: a runtime embedded in this process, or a `troupe` node over HTTP.
+//!
+//! Both answer the same two questions for the generator: send this entry's request now (and
+//! report its [`Class`] when it ends), and send one bus message. Everything a request needs that
+//! does not change between requests (task targets, payloads, HTTP bodies) is built once in
+//! [`Target::new_embedded`] / [`Target::new_http`], so a request costs a clone of shared bytes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use troupe::{AgentId, Bus, RuntimeHandle, SubmitError, Task, Topic};
+
+use crate::mix::Mix;
+use crate::record::{Class, RejectReason, Sample};
+
+/// Why a target cannot be load-tested.
+#[derive(Debug, Error)]
+pub enum TargetError {
+    /// The node did not answer or answered nonsense.
+    #[error("node at {url}: {reason}")]
+    Node {
+        /// Base URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A mix entry cannot run on this target (the check request was refused).
+    #[error("mix entry `{entry}` (task[{index}]) cannot run on the target: {reason}")]
+    Entry {
+        /// Entry name.
+        entry: String,
+        /// Position in the mix.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where finished requests go, and the generator's own bound on requests outstanding.
+#[derive(Clone)]
+pub struct Sink {
+    /// Samples to the recorder.
+    pub tx: mpsc::Sender<Sample>,
+    /// The run's time zero.
+    pub start: Instant,
+    /// Requests sent and not yet ended.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Above this many outstanding, the generator does not send (counted as `in_flight_limit`).
+    pub max_in_flight: usize,
+    /// The Tokio runtime requests run on.
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Sink {
+    /// Nanoseconds since the run's start.
+    pub fn now_ns(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.start)
+            .as_nanos() as u64
+    }
+
+    fn sample(&self, entry: usize, intended_ns: u64, class: Class) -> Sample {
+        Sample {
+            entry: entry as u32,
+            intended_ns,
+            done_ns: self.now_ns(),
+            class,
+        }
+    }
+
+    /// Records a sample from a thread outside the Tokio runtime (the generator).
+    fn record_blocking(&self, s: Sample) {
+        // Fails only once the recorder has stopped, i.e. after the run: nothing left to count.
+        let _ = self.tx.blocking_send(s);
+    }
+}
+
+/// How one bus message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusResult {
+    /// Accepted; `delivered` mailboxes got it and `dropped` were full.
+    Accepted {
+        /// Mailboxes it reached.
+        delivered: u64,
+        /// Mailboxes that were full.
+        dropped: u64,
+    },
+    /// Refused outright.
+    Failed,
+}
+
+struct EmbeddedEntry {
+    target: &'static str,
+    priority: troupe::Priority,
+    payload: Bytes,
+    timeout: Duration,
+    sandbox: bool,
+}
+
+/// A runtime in this process.
+pub struct Embedded {
+    runtime: RuntimeHandle,
+    entries: Vec<EmbeddedEntry>,
+    bus: Bus,
+    topic: Option<Topic>,
+    bus_payload: Bytes,
+    agents: u32,
+}
+
+/// A node over HTTP.
+pub struct Http {
+    client: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    bodies: Vec<Bytes>,
+    topic_body: Option<Bytes>,
+    bus_payload: String,
+    agents: u32,
+}
+
+/// The system under test.
+pub enum Target {
+    /// See [`Embedded`].
+    Embedded(Embedded),
+    /// See [`Http`].
+    Http(Http),
+}
+
+#[derive(Deserialize)]
+struct TaskReply {
+    outcome: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AgentsReply {
+    agents: u32,
+}
+
+fn class_of_submit_error(e: &SubmitError) -> Class {
+    Class::Rejected(match e {
+        SubmitError::QueueFull { .. } => RejectReason::QueueFull,
+        SubmitError::ShuttingDown => RejectReason::ShuttingDown,
+        _ => RejectReason::Invalid,
+    })
+}
+
+fn class_of_status(status: u16) -> Class {
+    match status {
+        429 => Class::Rejected(RejectReason::QueueFull),
+        503 => Class::Rejected(RejectReason::ShuttingDown),
+        400..=499 => Class::Rejected(RejectReason::Invalid),
+        _ => Class::Error,
+    }
+}
+
+fn class_of_outcome(label: &str) -> Class {
+    match label {
+        "ok" => Class::Ok,
+        "timeout" => Class::Timeout,
+        "panic" => Class::Panic,
+        "cancelled" => Class::Cancelled,
+        _ => Class::Error,
+    }
+}
+
+impl Target {
+    /// Load against `runtime`. `request_timeout` applies to entries without their own.
+    pub fn new_embedded(runtime: RuntimeHandle, mix: &Mix, request_timeout: Duration) -> Self {
+        let entries = mix
+            .entries
+            .iter()
+            .map(|e| EmbeddedEntry {
+                // Leaked once per mix entry so every task's target is a borrowed `&'static str`
+                // and building a task allocates nothing for it.
+                target: Box::leak(e.target.clone().into_boxed_str()),
+                priority: e.priority,
+                payload: e.payload.clone(),
+                timeout: e.timeout.unwrap_or(request_timeout),
+                sandbox: e.sandbox,
+            })
+            .collect();
+        let bus = runtime.bus();
+        let topic = mix.bus.as_ref().map(|b| bus.topic(&b.topic));
+        Target::Embedded(Embedded {
+            agents: runtime.agent_count() as u32,
+            bus,
+            topic,
+            bus_payload: mix
+                .bus
+                .as_ref()
+                .map(|b| b.payload.clone())
+                .unwrap_or_default(),
+            entries,
+            runtime,
+        })
+    }
+
+    /// Load against the node at `base` (e.g. `http://127.0.0.1:9464`).
+    pub async fn new_http(
+        base: &str,
+        token: Option<String>,
+        mix: &Mix,
+        request_timeout: Duration,
+    ) -> Result<Self, TargetError> {
+        let base = base.trim_end_matches('/').to_owned();
+        let node_err = |reason: String| TargetError::Node {
+            url: base.clone(),
+            reason,
+        };
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(4096)
+            .tcp_nodelay(true)
+            // Past the task's own timeout plus a margin the exchange has failed, and the
+            // request ends as `error` rather than hanging the run.
+            .timeout(request_timeout + Duration::from_secs(5))
+            .build()
+            .map_err(|e| node_err(e.to_string()))?;
+        let mut req = client.get(format!("{base}/v1/agents"));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| node_err(format!("GET /v1/agents failed: {e}")))?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| node_err(format!("GET /v1/agents: {e}")))?;
+        if !status.is_success() {
+            return Err(node_err(format!(
+                "GET /v1/agents answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        let agents: AgentsReply = serde_json::from_slice(&body)
+            .map_err(|e| node_err(format!("GET /v1/agents: unexpected body: {e}")))?;
+        let bodies = mix
+            .entries
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::json!({
+                    "kind": e.target,
+                    "priority": e.priority.as_str(),
+                    // Mix payloads are built from ASCII (see mix.rs), so this is lossless.
+                    "payload": String::from_utf8_lossy(&e.payload),
+                    "timeout_ms": e.timeout.unwrap_or(request_timeout).as_millis() as u64,
+                });
+                if e.sandbox {
+                    v["sandbox"] = true.into();
+                }
+                Bytes::from(v.to_string())
+            })
+            .collect();
+        let topic_body = mix.bus.as_ref().map(|b| {
+            Bytes::from(
+                serde_json::json!({ "topic": b.topic, "payload": String::from_utf8_lossy(&b.payload) })
+                    .to_string(),
+            )
+        });
+        Ok(Target::Http(Http {
+            client,
+            base,
+            token,
+            bodies,
+            topic_body,
+            bus_payload: mix
+                .bus
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(&b.payload).into_owned())
+                .unwrap_or_default(),
+            agents: agents.agents,
+        }))
+    }
+
+    /// "embedded" or the node's URL.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Embedded(e) => format!("embedded {}-agent pool", e.agents),
+            Target::Http(h) => h.base.clone(),
+        }
+    }
+
+    /// Agents in the pool (direct bus messages go to each in turn).
+    pub fn agents(&self) -> u32 {
+        match self {
+            Target::Embedded(e) => e.agents,
+            Target::Http(h) => h.agents,
+        }
+    }
+
+    /// Sends one request of every entry and fails if the target refuses any as invalid (an
+    /// unknown capability, a kind without a sandbox policy): better at once than as a
+    /// run full of rejections.
+    pub async fn check(&self, mix: &Mix) -> Result<(), TargetError> {
+        for (i, e) in mix.entries.iter().enumerate() {
+            let class = self.call(i).await;
+            let reason = match (self, class) {
+                (_, Class::Rejected(RejectReason::Invalid)) => match self {
+                    Target::Embedded(emb) => emb.refusal(i),
+                    Target::Http(h) => h.refusal(i).await,
+                },
+                _ => continue,
+            };
+            return Err(TargetError::Entry {
+                entry: e.name.clone(),
+                index: i,
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends entry `entry`'s request and waits for how it ends.
+    pub async fn call(&self, entry: usize) -> Class {
+        match self {
+            Target::Embedded(e) => match e.runtime.try_submit(e.task(entry)) {
+                Ok(handle) => Class::of(handle.await.kind()),
+                Err(r) => class_of_submit_error(&r.error),
+            },
+            Target::Http(h) => h.call(entry).await,
+        }
+    }
+
+    /// Sends entry `entry`'s request now, from the generator thread; its sample reaches
+    /// `sink` when it ends. Never waits for the request.
+    pub fn issue(self: &Arc<Self>, entry: usize, intended_ns: u64, sink: &Sink) {
+        if sink.in_flight.load(Ordering::Relaxed) >= sink.max_in_flight {
+            sink.record_blocking(sink.sample(
+                entry,
+                intended_ns,
+                Class::Rejected(RejectReason::InFlightLimit),
+            ));
+            return;
+        }
+        match &**self {
+            Target::Embedded(e) => match e.runtime.try_submit(e.task(entry)) {
+                Ok(handle) => {
+                    sink.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let sink2 = sink.clone();
+                    sink.rt.spawn(async move {
+                        let class = Class::of(handle.await.kind());
+                        sink2.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let _ = sink2.tx.send(sink2.sample(entry, intended_ns, class)).await;
+                    });
+                }
+                Err(r) => sink.record_blocking(sink.sample(
+                    entry,
+                    intended_ns,
+                    class_of_submit_error(&r.error),
+                )),
+            },
+            Target::Http(_) => {
+                sink.in_flight.fetch_add(1, Ordering::Relaxed);
+                let sink2 = sink.clone();
+                let me = self.clone();
+                sink.rt.spawn(async move {
+                    let class = me.call(entry).await;
+                    sink2.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    let _ = sink2.tx.send(sink2.sample(entry, intended_ns, class)).await;
+                });
+            }
+        }
+    }
+
+    /// Sends one bus message: published to the mix's topic if `publish`, else sent directly
+    /// to agent `to`. Embedded sends never wait (a full mailbox counts as dropped); HTTP sends
+    /// are spawned and report through `done`.
+    pub fn send_message(
+        self: &Arc<Self>,
+        publish: bool,
+        to: u32,
+        rt: &tokio::runtime::Handle,
+        done: impl FnOnce(BusResult) + Send + 'static,
+    ) {
+        match &**self {
+            Target::Embedded(e) => done(e.send_message(publish, to)),
+            Target::Http(_) => {
+                let me = self.clone();
+                rt.spawn(async move {
+                    let Target::Http(h) = &*me else { return };
+                    done(h.send_message(publish, to).await);
+                });
+            }
+        }
+    }
+}
+
+impl Embedded {
+    fn task(&self, entry: usize) -> Task {
+        let e = &self.entries[entry];
+        let t = Task::new(e.target, e.payload.clone())
+            .priority(e.priority)
+            .timeout(e.timeout);
+        if e.sandbox { t.sandboxed() } else { t }
+    }
+
+    fn refusal(&self, entry: usize) -> String {
+        match self.runtime.try_submit(self.task(entry)) {
+            Err(r) => r.error.to_string(),
+            Ok(_) => "refused as invalid once, accepted on a second try".to_owned(),
+        }
+    }
+
+    fn send_message(&self, publish: bool, to: u32) -> BusResult {
+        let r = if publish {
+            match &self.topic {
+                Some(t) => t
+                    .try_publish(self.bus_payload.clone())
+                    .map(|r| (r.delivered, r.dropped)),
+                None => return BusResult::Failed,
+            }
+        } else {
+            self.bus
+                .try_send(AgentId(to), self.bus_payload.clone())
+                .map(|d| match d {
+                    troupe::Delivery::Delivered => (1, 0),
+                    troupe::Delivery::Dropped => (0, 1),
+                })
+        };
+        match r {
+            Ok((delivered, dropped)) => BusResult::Accepted {
+                delivered: delivered as u64,
+                dropped: dropped as u64,
+            },
+            Err(troupe::BusError::MailboxFull { .. }) => BusResult::Accepted {
+                delivered: 0,
+                dropped: 1,
+            },
+            Err(_) => BusResult::Failed,
+        }
+    }
+}
+
+impl Http {
+    fn post(&self, path: &str, body: Bytes) -> reqwest::RequestBuilder {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    async fn call(&self, entry: usize) -> Class {
+        let resp = match self
+            .post("/v1/tasks?wait=true", self.bodies[entry].clone())
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return Class::Error,
+        };
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return class_of_status(status);
+        }
+        match resp
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice::<TaskReply>(&b))
+        {
+            Ok(Ok(TaskReply { outcome: Some(o) })) => class_of_outcome(&o),
+            _ => Class::Error,
+        }
+    }
+
+    async fn refusal(&self, entry: usize) -> String {
+        match self
+            .post("/v1/tasks?wait=true", self.bodies[entry].clone())
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let status = r.status();
+                let body = r.bytes().await.unwrap_or_default();
+                format!("HTTP {status}: {}", String::from_utf8_lossy(&body))
+            }
+            Err(e) => e.to_string(),
+        }
+    }
+
+    async fn send_message(&self, publish: bool, to: u32) -> BusResult {
+        let body = match (&self.topic_body, publish) {
+            (Some(b), true) => b.clone(),
+            _ => Bytes::from(
+                serde_json::json!({ "agent": to, "payload": self.bus_payload }).to_string(),
+            ),
+        };
+        #[derive(Deserialize)]
+        struct Sent {
+            delivered: u64,
+            dropped: u64,
+        }
+        let Ok(resp) = self.post("/v1/messages", body).send().await else {
+            return BusResult::Failed;
+        };
+        if resp.status().as_u16() == 429 {
+            return BusResult::Accepted {
+                delivered: 0,
+                dropped: 1,
+            };
+        }
+        if !resp.status().is_success() {
+            return BusResult::Failed;
+        }
+        match resp
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice::<Sent>(&b))
+        {
+            Ok(Ok(s)) => BusResult::Accepted {
+                delivered: s.delivered,
+                dropped: s.dropped,
+            },
+            _ => BusResult::Failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_statuses_and_outcomes_map_to_the_runtime_s_classes() {
+        assert_eq!(
+            class_of_status(429),
+            Class::Rejected(RejectReason::QueueFull)
+        );
+        assert_eq!(
+            class_of_status(503),
+            Class::Rejected(RejectReason::ShuttingDown)
+        );
+        assert_eq!(class_of_status(404), Class::Rejected(RejectReason::Invalid));
+        assert_eq!(class_of_status(500), Class::Error);
+        assert_eq!(class_of_outcome("ok"), Class::Ok);
+        assert_eq!(class_of_outcome("panic"), Class::Panic);
+        assert_eq!(class_of_outcome("timeout"), Class::Timeout);
+        assert_eq!(class_of_outcome("cancelled"), Class::Cancelled);
+        assert_eq!(class_of_outcome("error"), Class::Error);
+    }
+}

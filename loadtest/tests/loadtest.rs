@@ -465,3 +465,50 @@ fn a_ramp_finds_the_highest_passing_rate_below_the_knee() {
     );
     assert!(stdout.contains("highest rate meeting the SLO"), "{stdout}");
 }
+
+#[test]
+fn a_closed_loop_run_keeps_its_clients_busy_and_skips_the_offered_rate_check() {
+    let d = tempfile::tempdir().unwrap();
+    let pool = write(d.path(), "pool.toml", SMALL_POOL);
+    // Four clients against 2 ms io tasks: each client does about 500 requests a second.
+    let mix = write(
+        d.path(),
+        "mix.toml",
+        "[[task]]\nkind = \"io\"\ncost = 2\nshare = 1\n",
+    );
+    let out = run_bin(
+        d.path(),
+        &[
+            "--catalog",
+            &pool,
+            "--mix",
+            &mix,
+            "--concurrency",
+            "4",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--json",
+            "c.json",
+            "--quiet",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("c.json")).unwrap()).unwrap();
+    assert_eq!(json["mode"]["kind"], "closed");
+    assert_eq!(json["mode"]["concurrency"], 4);
+    let t = &json["tasks"];
+    let offered = t["offered"].as_u64().unwrap();
+    assert_eq!(offered, t["ok"].as_u64().unwrap(), "{t}");
+    // At most 4 clients × 1 s / 2 ms; well above zero even on a loaded machine.
+    assert!((200..=2100).contains(&offered), "{offered}");
+    let checks = json["slo"]["checks"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["name"] != "throughput-vs-offered"));
+}

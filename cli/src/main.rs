@@ -3,6 +3,7 @@
 
 mod config;
 mod server;
+mod slo;
 mod store;
 
 use std::net::SocketAddr;
@@ -52,9 +53,34 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Service level objectives: generate Prometheus rules from the policy.
+    Slo {
+        #[command(subcommand)]
+        command: SloCommand,
+    },
     /// Run as a sandbox worker process (started by the node for process lanes).
     #[command(hide = true)]
     SandboxWorker,
+}
+
+#[derive(Debug, Subcommand)]
+enum SloCommand {
+    /// Write recording rules (slo/rules.yaml) and burn-rate alerts (alerts/slo.yaml) from the
+    /// policy; with --check, only verify that both files are current.
+    Rules {
+        /// The SLO policy.
+        #[arg(long, default_value = "slo/policies.yaml")]
+        policy: PathBuf,
+        /// Where the recording rules go.
+        #[arg(long, default_value = "slo/rules.yaml")]
+        rules_out: PathBuf,
+        /// Where the alerts go.
+        #[arg(long, default_value = "alerts/slo.yaml")]
+        alerts_out: PathBuf,
+        /// Write nothing; fail if either file differs from what the policy generates.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +90,15 @@ fn main() -> ExitCode {
             troupe::RuntimeBuilder::new(troupe::RuntimeConfig::default()),
         )),
         Command::Pool { catalog } => report(pool(catalog)),
+        Command::Slo {
+            command:
+                SloCommand::Rules {
+                    policy,
+                    rules_out,
+                    alerts_out,
+                    check,
+                },
+        } => report(slo_rules(&policy, &rules_out, &alerts_out, check)),
         Command::Check { config } => report(check(config)),
         Command::Serve { config, listen } => report(serve(config, listen)),
     }
@@ -77,6 +112,37 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn slo_rules(
+    policy: &std::path::Path,
+    rules_out: &std::path::Path,
+    alerts_out: &std::path::Path,
+    check: bool,
+) -> anyhow::Result<()> {
+    let p = troupe::slo::Policy::from_file(policy)
+        .with_context(|| format!("SLO policy {}", policy.display()))?;
+    let files = [
+        (rules_out, slo::recording_rules(&p)),
+        (alerts_out, slo::alert_rules(&p)),
+    ];
+    for (path, text) in files {
+        if check {
+            let current = std::fs::read_to_string(path).unwrap_or_default();
+            if current != text {
+                bail!(
+                    "{} is not what {} generates; run `troupe slo rules`",
+                    path.display(),
+                    policy.display()
+                );
+            }
+            println!("{} is current", path.display());
+        } else {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn pool(catalog: Option<PathBuf>) -> anyhow::Result<()> {

@@ -23,8 +23,11 @@ use troupe::slo::{Objective, ObjectiveKind, Policy, WINDOW_PLACEHOLDER};
 /// Windows every error ratio is recorded over.
 const WINDOWS: [&str; 7] = ["5m", "30m", "1h", "2h", "6h", "1d", "3d"];
 
-/// A burn-rate alert: (severity, [(factor, long window, short window)]).
-const BURN_ALERTS: [(&str, &str, [(f64, &str, &str); 2]); 2] = [
+/// One clause of a burn-rate alert: (factor, long window, short window).
+type Burn = (f64, &'static str, &'static str);
+
+/// The burn-rate alerts: (severity, alert name, the two clauses either of which fires it).
+const BURN_ALERTS: [(&str, &str, [Burn; 2]); 2] = [
     (
         "page",
         "SLOErrorBudgetBurnPage",

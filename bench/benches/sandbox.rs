@@ -1,26 +1,9 @@
 //! Tri-sandbox throughput: the same no-op tasks run once, on thread lanes, and on process lanes.
 
-use std::time::Duration;
-
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use troupe::sandbox::{LaneMode, ProcessConfig, SandboxKindConfig};
-use troupe::{RuntimeConfig, TierConfig};
+use troupe::sandbox::LaneMode;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_troupe-bench-worker");
-
-fn config(mode: LaneMode) -> RuntimeConfig {
-    let mut c = troupe_bench::base_config().tier(TierConfig::new("once").agents("echo", 928));
-    c.sandbox.lane_timeout = Duration::from_secs(10);
-    c.sandbox.process = Some(ProcessConfig {
-        command: vec![WORKER.to_owned()],
-    });
-    c.sandbox.kinds = vec![SandboxKindConfig {
-        kind: "echo".into(),
-        lanes: mode,
-        instances: if mode == LaneMode::Process { 4 } else { 8 },
-    }];
-    c
-}
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -34,10 +17,12 @@ fn bench(c: &mut Criterion) {
         ("process", LaneMode::Process, true, 1_000),
     ] {
         let pool = rt.block_on(async {
-            troupe_agents::register_kinds(troupe::Runtime::builder(config(mode)))
-                .start()
-                .await
-                .expect("pool starts")
+            troupe_agents::register_kinds(troupe::Runtime::builder(troupe_bench::sandbox_config(
+                mode, WORKER,
+            )))
+            .start()
+            .await
+            .expect("pool starts")
         });
         let handle = pool.handle();
         g.throughput(Throughput::Elements(window));

@@ -5,6 +5,8 @@
 //! so by then it has handled everything sent to it before. That lets a bench wait for delivery
 //! with one atomic increment per agent per burst instead of one per message.
 
+pub mod peers;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -160,4 +162,21 @@ pub async fn direct_burst(bus: &Bus, pool: &Pool, agents: u32, per_agent: u64) {
         }
     }
     pool.wait_done(u64::from(agents)).await;
+}
+
+/// 928 `echo` agents with `echo` also a sandbox kind on `mode` lanes; `worker` is the
+/// `troupe-bench-worker` binary for process lanes.
+pub fn sandbox_config(mode: troupe::sandbox::LaneMode, worker: &str) -> RuntimeConfig {
+    use troupe::sandbox::{LaneMode, ProcessConfig, SandboxKindConfig};
+    let mut c = base_config().tier(TierConfig::new("once").agents("echo", 928));
+    c.sandbox.lane_timeout = std::time::Duration::from_secs(10);
+    c.sandbox.process = Some(ProcessConfig {
+        command: vec![worker.to_owned()],
+    });
+    c.sandbox.kinds = vec![SandboxKindConfig {
+        kind: "echo".into(),
+        lanes: mode,
+        instances: if mode == LaneMode::Process { 4 } else { 8 },
+    }];
+    c
 }

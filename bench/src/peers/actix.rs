@@ -112,19 +112,25 @@ fn start_sinks(
 /// Default mailbox capacity of actix contexts.
 const DEFAULT_CAPACITY: usize = 16;
 
+/// `n` sinks with no work and the default capacity, and their burst counter.
+fn plain_sinks(arbiters: &[ArbiterHandle], n: usize) -> (Arc<Done>, Vec<Addr<Sink>>) {
+    let done = Done::shared();
+    let handled = Arc::new(AtomicU64::new(0));
+    let sinks = start_sinks(
+        arbiters,
+        n,
+        &done,
+        Duration::ZERO,
+        DEFAULT_CAPACITY,
+        &handled,
+    );
+    (done, sinks)
+}
+
 /// Tell throughput with `do_send`.
 pub fn tell_do_send(actors: usize, per_actor: u64, payload: usize) -> f64 {
     run(move |arbiters| async move {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start_sinks(
-            &arbiters,
-            actors,
-            &done,
-            Duration::ZERO,
-            DEFAULT_CAPACITY,
-            &h,
-        );
+        let (done, sinks) = plain_sinks(&arbiters, actors);
         let p = Bytes::from(vec![b'x'; payload]);
         let burst = |per: u64| {
             done.arm(actors as u64);
@@ -148,16 +154,7 @@ pub fn tell_do_send(actors: usize, per_actor: u64, payload: usize) -> f64 {
 /// Tell throughput with `send` (each send awaited: actix's `send` resolves once handled).
 pub fn tell_send(actors: usize, per_actor: u64, payload: usize) -> f64 {
     run(move |arbiters| async move {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start_sinks(
-            &arbiters,
-            actors,
-            &done,
-            Duration::ZERO,
-            DEFAULT_CAPACITY,
-            &h,
-        );
+        let (_, sinks) = plain_sinks(&arbiters, actors);
         let p = Bytes::from(vec![b'x'; payload]);
         let t = Instant::now();
         for _ in 0..per_actor {
@@ -186,16 +183,7 @@ pub fn ask_serial(n: u64, payload: usize) -> Latency {
 /// `send` to every actor at once, gathered with `join_all`.
 pub fn fan_out(actors: usize, rounds: u64) -> Latency {
     run(move |arbiters| async move {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start_sinks(
-            &arbiters,
-            actors,
-            &done,
-            Duration::ZERO,
-            DEFAULT_CAPACITY,
-            &h,
-        );
+        let (_, sinks) = plain_sinks(&arbiters, actors);
         let p = Bytes::from_static(b"q");
         super::timed_ops(rounds, || async {
             let r = join_all(sinks.iter().map(|a| a.send(Ask(p.clone())))).await;

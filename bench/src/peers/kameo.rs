@@ -87,6 +87,13 @@ fn start(
         .collect()
 }
 
+/// `n` sinks that do no work, default mailbox, and their burst counter.
+fn plain(n: usize) -> (Arc<Done>, Vec<ActorRef<Sink>>) {
+    let done = Done::shared();
+    let sinks = start(n, &done, Duration::ZERO, &Arc::new(AtomicU64::new(0)), None);
+    (done, sinks)
+}
+
 async fn stop_all(v: &[ActorRef<Sink>]) {
     for r in v {
         let _ = r.stop_gracefully().await;
@@ -96,9 +103,7 @@ async fn stop_all(v: &[ActorRef<Sink>]) {
 /// Tell throughput with `tell(..).send().await` (waits for mailbox room, not for handling).
 pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(actors, &done, Duration::ZERO, &h, None);
+        let (done, sinks) = plain(actors);
         let p = Bytes::from(vec![b'x'; payload]);
         let burst = async |per: u64| {
             done.arm(actors as u64);
@@ -124,9 +129,7 @@ pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
 /// Serial `ask(..).send().await` to one actor.
 pub fn ask_serial(n: u64, payload: usize) -> Latency {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(1, &done, Duration::ZERO, &h, None);
+        let (_, sinks) = plain(1);
         let p = Bytes::from(vec![b'x'; payload]);
         let l = super::timed_ops(n, || async {
             sinks[0].ask(Ask(p.clone())).send().await.expect("ask");
@@ -140,9 +143,7 @@ pub fn ask_serial(n: u64, payload: usize) -> Latency {
 /// `ask` every actor at once, gathered with `join_all`.
 pub fn fan_out(actors: usize, rounds: u64) -> Latency {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(actors, &done, Duration::ZERO, &h, None);
+        let (_, sinks) = plain(actors);
         let p = Bytes::from_static(b"q");
         let l = super::timed_ops(rounds, || async {
             let r = join_all(sinks.iter().map(|a| a.ask(Ask(p.clone())).send())).await;
@@ -158,9 +159,7 @@ pub fn fan_out(actors: usize, rounds: u64) -> Latency {
 /// a `tell` to each subscriber.
 pub fn publish(subscribers: usize, messages: u64) -> f64 {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(subscribers, &done, Duration::ZERO, &h, None);
+        let (done, sinks) = plain(subscribers);
         let p = Bytes::from_static(b"m");
         let t = Instant::now();
         for _ in 0..messages {

@@ -90,6 +90,13 @@ async fn start(
     v
 }
 
+/// `n` sinks that do no work, and their burst counter.
+async fn plain(n: usize) -> (Arc<Done>, Vec<ActorRef<Msg>>) {
+    let done = Done::shared();
+    let sinks = start(n, &done, Duration::ZERO, &Arc::new(AtomicU64::new(0))).await;
+    (done, sinks)
+}
+
 fn stop_all(v: &[ActorRef<Msg>]) {
     for r in v {
         r.stop(None);
@@ -99,9 +106,7 @@ fn stop_all(v: &[ActorRef<Msg>]) {
 /// Tell throughput with `cast`.
 pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(actors, &done, Duration::ZERO, &h).await;
+        let (done, sinks) = plain(actors).await;
         let p = Bytes::from(vec![b'x'; payload]);
         let burst = |per: u64| {
             done.arm(actors as u64);
@@ -127,9 +132,7 @@ pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
 /// Serial `call` to one actor.
 pub fn ask_serial(n: u64, payload: usize) -> Latency {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(1, &done, Duration::ZERO, &h).await;
+        let (_, sinks) = plain(1).await;
         let p = Bytes::from(vec![b'x'; payload]);
         let l = super::timed_ops(n, || async {
             let r = sinks[0]
@@ -147,9 +150,7 @@ pub fn ask_serial(n: u64, payload: usize) -> Latency {
 /// `call` to every actor at once, gathered with `join_all`.
 pub fn fan_out(actors: usize, rounds: u64) -> Latency {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(actors, &done, Duration::ZERO, &h).await;
+        let (_, sinks) = plain(actors).await;
         let p = Bytes::from_static(b"q");
         let l = super::timed_ops(rounds, || async {
             let r = join_all(
@@ -169,9 +170,7 @@ pub fn fan_out(actors: usize, rounds: u64) -> Latency {
 /// Publishing through a process group (`ractor::pg`): every member gets the message.
 pub fn publish(subscribers: usize, messages: u64) -> f64 {
     super::tokio_rt().block_on(async {
-        let done = Done::shared();
-        let h = Arc::new(AtomicU64::new(0));
-        let sinks = start(subscribers, &done, Duration::ZERO, &h).await;
+        let (done, sinks) = plain(subscribers).await;
         let group = format!("bench-{}", std::process::id());
         ractor::pg::join(group.clone(), sinks.iter().map(|s| s.get_cell()).collect());
         let p = Bytes::from_static(b"m");

@@ -158,6 +158,15 @@ fn run_bin(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("the loadtest binary runs")
 }
 
+/// Runs the binary against an embedded pool of `pool` (a catalogue) with `mix`, plus `args`.
+fn run_pool_mix(dir: &Path, pool: &str, mix: &str, args: &[&str]) -> std::process::Output {
+    let pool = write(dir, "pool.toml", pool);
+    let mix = write(dir, "mix.toml", mix);
+    let mut all = vec!["--catalog", pool.as_str(), "--mix", mix.as_str()];
+    all.extend_from_slice(args);
+    run_bin(dir, &all)
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -179,19 +188,11 @@ count = 40
 #[test]
 fn the_binary_writes_json_and_html_reports_that_parse_and_passes_a_light_run() {
     let d = tempfile::tempdir().unwrap();
-    let pool = write(d.path(), "pool.toml", SMALL_POOL);
-    let mix = write(
+    let out = run_pool_mix(
         d.path(),
-        "mix.toml",
+        SMALL_POOL,
         "[[task]]\nkind = \"echo\"\nshare = 3\n[[task]]\nkind = \"io\"\ncost = 2\nshare = 1\npriority = \"high\"\n[bus]\nrate = 1000\npublish_share = 0\n",
-    );
-    let out = run_bin(
-        d.path(),
         &[
-            "--catalog",
-            &pool,
-            "--mix",
-            &mix,
             "--rate",
             "500",
             "--duration",
@@ -345,20 +346,12 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
 #[test]
 fn a_slow_mix_fails_the_verdict_with_exit_1() {
     let d = tempfile::tempdir().unwrap();
-    let pool = write(d.path(), "pool.toml", SMALL_POOL);
     // Every task waits 120 ms upstream: p95 and p99 are both over their limits.
-    let mix = write(
+    let out = run_pool_mix(
         d.path(),
-        "slow.toml",
+        SMALL_POOL,
         "[[task]]\nkind = \"io\"\ncost = 120\nshare = 1\n",
-    );
-    let out = run_bin(
-        d.path(),
         &[
-            "--catalog",
-            &pool,
-            "--mix",
-            &mix,
             "--rate",
             "100",
             "--duration",
@@ -412,23 +405,11 @@ fn a_ramp_finds_the_highest_passing_rate_below_the_knee() {
     // Eight io agents that each take 10 ms serve at most 800 tasks/s: the ramp must pass below
     // that and fail above it.
     let d = tempfile::tempdir().unwrap();
-    let pool = write(
+    let out = run_pool_mix(
         d.path(),
-        "pool.toml",
         "[[tiers]]\nname = \"w\"\n[[tiers.agents]]\nkind = \"io\"\ncount = 8\n",
-    );
-    let mix = write(
-        d.path(),
-        "mix.toml",
         "[[task]]\nkind = \"io\"\ncost = 10\nshare = 1\n",
-    );
-    let out = run_bin(
-        d.path(),
         &[
-            "--catalog",
-            &pool,
-            "--mix",
-            &mix,
             "--ramp",
             "200..1400",
             "--ramp-steps",
@@ -469,20 +450,12 @@ fn a_ramp_finds_the_highest_passing_rate_below_the_knee() {
 #[test]
 fn a_closed_loop_run_keeps_its_clients_busy_and_skips_the_offered_rate_check() {
     let d = tempfile::tempdir().unwrap();
-    let pool = write(d.path(), "pool.toml", SMALL_POOL);
     // Four clients against 2 ms io tasks: each client does about 500 requests a second.
-    let mix = write(
+    let out = run_pool_mix(
         d.path(),
-        "mix.toml",
+        SMALL_POOL,
         "[[task]]\nkind = \"io\"\ncost = 2\nshare = 1\n",
-    );
-    let out = run_bin(
-        d.path(),
         &[
-            "--catalog",
-            &pool,
-            "--mix",
-            &mix,
             "--concurrency",
             "4",
             "--duration",

@@ -38,7 +38,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The placeholder SLI queries use for the evaluation range.
+/// What SLI queries write where each evaluation range (`5m`, `1h`, …) goes.
 pub const WINDOW_PLACEHOLDER: &str = "{{window}}";
 
 /// Why a policy cannot be used. `field` is a path such as `objectives[2].threshold`.

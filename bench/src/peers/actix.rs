@@ -45,12 +45,7 @@ impl Handler<Tell> for Sink {
     type Result = ();
     fn handle(&mut self, _: Tell, _: &mut Self::Context) {
         self.handled.fetch_add(1, Ordering::Relaxed);
-        if !self.work.is_zero() {
-            let t = Instant::now();
-            while t.elapsed() < self.work {
-                std::hint::spin_loop();
-            }
-        }
+        super::busy(self.work);
     }
 }
 

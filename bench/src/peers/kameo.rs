@@ -41,12 +41,7 @@ impl Message<Tell> for Sink {
     type Reply = ();
     async fn handle(&mut self, _: Tell, _: &mut Context<Self, ()>) {
         self.handled.fetch_add(1, Ordering::Relaxed);
-        if !self.work.is_zero() {
-            let t = Instant::now();
-            while t.elapsed() < self.work {
-                std::hint::spin_loop();
-            }
-        }
+        super::busy(self.work);
     }
 }
 

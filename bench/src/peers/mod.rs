@@ -128,6 +128,15 @@ pub const MAILBOX_BOUND: usize = 1_000;
 /// How long the slow consumer spends per message in the mailbox-full workload.
 pub const MAILBOX_WORK: Duration = Duration::from_micros(20);
 
+/// The slow consumer of the mailbox-full workload: a CPU-bound handler busy for `work` (a
+/// no-op when zero), the same in every system.
+pub fn busy(work: Duration) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < work {
+        std::hint::spin_loop();
+    }
+}
+
 /// Size of each skynet node's fan-out, and depth: 10^6 leaves.
 pub const SKYNET_FANOUT: u64 = 10;
 /// See [`SKYNET_FANOUT`].

@@ -50,12 +50,7 @@ impl Actor for Sink {
         match msg {
             Msg::Tell(_) => {
                 s.handled.fetch_add(1, Ordering::Relaxed);
-                if !s.work.is_zero() {
-                    let t = Instant::now();
-                    while t.elapsed() < s.work {
-                        std::hint::spin_loop();
-                    }
-                }
+                super::busy(s.work);
             }
             Msg::Fin => s.done.bump(),
             Msg::Ask(b, reply) => {

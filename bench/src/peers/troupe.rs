@@ -34,13 +34,7 @@ impl Agent for Sink {
             return None;
         }
         self.handled += 1;
-        if !self.work.is_zero() {
-            // The slow consumer of the mailbox-full workload: a CPU-bound handler.
-            let t = Instant::now();
-            while t.elapsed() < self.work {
-                std::hint::spin_loop();
-            }
-        }
+        super::busy(self.work);
         msg.is_request().then_some(msg.payload)
     }
 }

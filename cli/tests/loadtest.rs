@@ -82,7 +82,7 @@ async fn the_load_generator_drives_the_real_node_over_http() {
             progress: Progress::Quiet,
         },
     };
-    let report = run_once(target, &settings).await;
+    let report = run_once(target.clone(), &settings).await;
     let t = &report.tasks.outcomes;
     assert_eq!(t.offered, 600, "300/s for 2 s: {t:?}");
     assert_eq!(t.ok, 600, "nothing in this mix fails: {t:?}");
@@ -102,4 +102,14 @@ async fn the_load_generator_drives_the_real_node_over_http() {
     assert!(report.bus.accepted >= 390, "{:?}", report.bus);
     let (clean, _) = tokio::task::block_in_place(|| node.terminate());
     assert!(clean, "the node shut down cleanly after the run");
+
+    // With the node gone, a request is a failed exchange, not a task error, and the report
+    // can say why.
+    assert_eq!(target.first_transport_error(), None);
+    assert_eq!(
+        target.call(0).await,
+        troupe_loadtest::record::Class::Transport
+    );
+    let why = target.first_transport_error().expect("the failure is kept");
+    assert!(why.contains("Connect") || why.contains("connect"), "{why}");
 }

@@ -52,6 +52,7 @@ impl Settings {
             policy_source: self.policy_source.clone(),
             bus_rate: self.plan.bus_rate,
             started_at,
+            first_transport_error: target.first_transport_error(),
         }
     }
 }

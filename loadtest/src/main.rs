@@ -139,6 +139,13 @@ fn write_reports(args: &Args, r: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The soft limit on open files (Linux `/proc/self/limits`), if it can be read.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 async fn real_main(args: Args) -> anyhow::Result<bool> {
     if !(args.rate.is_finite() && args.rate > 0.0) {
         bail!("--rate must be above zero, found {}", args.rate);
@@ -165,12 +172,26 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
         Some(concurrency) => Mode::Closed { concurrency },
         None => Mode::Open { rate: args.rate },
     };
+    let mut max_in_flight = args.max_in_flight.max(1);
+    if args.target.is_some()
+        && let Some(fds) = open_files_limit()
+    {
+        // Over HTTP every request in flight holds a connection, so a file descriptor; tasks
+        // and bus messages are bounded apart, so each gets half of what the limit leaves.
+        let cap = (fds.saturating_sub(256) / 2).max(1);
+        if max_in_flight > cap {
+            eprintln!(
+                "troupe-loadtest: at most {cap} requests in flight (open files limit {fds}); beyond that a request is counted as rejected `in_flight_limit`, not sent"
+            );
+            max_in_flight = cap;
+        }
+    }
     let plan = Plan {
         mode,
         warmup: args.warmup,
         duration: args.duration,
         bus_rate,
-        max_in_flight: args.max_in_flight.max(1),
+        max_in_flight,
         drain: args.request_timeout + Duration::from_secs(10),
         progress: if args.quiet {
             Progress::Quiet

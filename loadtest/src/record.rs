@@ -65,7 +65,13 @@ pub enum Class {
     Cancelled,
     /// Refused at admission.
     Rejected(RejectReason),
+    /// The HTTP exchange itself failed (connect, timeout, unreadable answer): the client never
+    /// learnt the task's outcome.
+    Transport,
 }
+
+/// Number of [`Class`] slots in the counters.
+const CLASSES: usize = 7;
 
 impl Class {
     fn slot(self) -> usize {
@@ -76,6 +82,7 @@ impl Class {
             Class::Panic => 3,
             Class::Cancelled => 4,
             Class::Rejected(_) => 5,
+            Class::Transport => 6,
         }
     }
 
@@ -107,11 +114,12 @@ pub struct Sample {
 /// Counts of outcomes, as reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Outcomes {
-    /// Requests the schedule sent (the sum of everything below but `rejected_by_reason`).
+    /// Requests the schedule sent: ok + error + timeout + panic + cancelled + rejected +
+    /// transport_error.
     pub offered: u64,
     /// Outcome ok.
     pub ok: u64,
-    /// Outcome error (including failed HTTP exchanges).
+    /// Outcome error.
     pub error: u64,
     /// Outcome timeout.
     pub timeout: u64,
@@ -123,6 +131,8 @@ pub struct Outcomes {
     pub rejected: u64,
     /// Refusals by reason.
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
+    /// HTTP exchanges that failed before an outcome arrived (HTTP target only).
+    pub transport_error: u64,
 }
 
 impl Outcomes {
@@ -142,6 +152,7 @@ impl Outcomes {
             cancelled: c.classes[4],
             rejected: c.classes[5],
             rejected_by_reason,
+            transport_error: c.classes[6],
         }
     }
 
@@ -150,15 +161,16 @@ impl Outcomes {
         self.ok + self.error + self.timeout + self.panic + self.cancelled
     }
 
-    /// Error, timeout and panic: what the availability objective counts as bad.
+    /// Error, timeout and panic (what the availability objective counts as bad), plus failed
+    /// HTTP exchanges: the client got no answer, which is no better.
     pub fn bad(&self) -> u64 {
-        self.error + self.timeout + self.panic
+        self.error + self.timeout + self.panic + self.transport_error
     }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
-    classes: [u64; 6],
+    classes: [u64; CLASSES],
     reasons: [u64; RejectReason::ALL.len()],
 }
 
@@ -372,7 +384,8 @@ impl Recorder {
     /// Records one sample.
     pub fn record(&mut self, s: &Sample) {
         let latency_us = (s.done_ns.saturating_sub(s.intended_ns) / 1000).clamp(1, MAX_LATENCY_US);
-        let rejected = matches!(s.class, Class::Rejected(_));
+        // Neither a refusal nor a failed exchange has a latency worth recording.
+        let rejected = matches!(s.class, Class::Rejected(_) | Class::Transport);
         let second = (s.done_ns / 1_000_000_000) as usize;
         while self.seconds.len() <= second {
             self.seconds.push(Second {
@@ -406,7 +419,7 @@ impl Recorder {
     pub fn progress(&self) -> (u64, u64, u64) {
         let mut c = Counts::default();
         for e in &self.counts {
-            for k in 0..6 {
+            for k in 0..CLASSES {
                 c.classes[k] += e.classes[k];
             }
         }
@@ -431,7 +444,7 @@ impl Recorder {
     pub fn finish(self) -> Measured {
         let mut total = Counts::default();
         for c in &self.counts {
-            for k in 0..6 {
+            for k in 0..CLASSES {
                 total.classes[k] += c.classes[k];
             }
             for k in 0..RejectReason::ALL.len() {

@@ -69,8 +69,11 @@ pub struct TaskSummary {
     pub offered_per_s: f64,
     /// Tasks that ended (any outcome but rejected) inside the window, per second.
     pub achieved_per_s: f64,
-    /// (error + timeout + panic) / (offered − cancelled).
+    /// (error + timeout + panic + transport_error) / (offered − cancelled).
     pub error_ratio: f64,
+    /// The first failed HTTP exchange's error, when any failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_transport_error: Option<String>,
 }
 
 /// Latency of one priority.
@@ -269,6 +272,8 @@ pub struct Context<'a> {
     pub bus_rate: f64,
     /// Wall-clock start.
     pub started_at: SystemTime,
+    /// The target's first failed HTTP exchange, if any.
+    pub first_transport_error: Option<String>,
 }
 
 impl Report {
@@ -292,6 +297,7 @@ impl Report {
             } else {
                 o.bad() as f64 / judged as f64
             },
+            first_transport_error: ctx.first_transport_error.clone(),
         };
         let by_priority: Vec<PriorityLatency> = Priority::ALL
             .iter()
@@ -547,6 +553,9 @@ fn outcome_line(o: &Outcomes) -> String {
         "ok {}  error {}  timeout {}  panic {}  cancelled {}  rejected {}",
         o.ok, o.error, o.timeout, o.panic, o.cancelled, o.rejected
     );
+    if o.transport_error > 0 {
+        let _ = write!(s, "  transport_error {}", o.transport_error);
+    }
     if !o.rejected_by_reason.is_empty() {
         let reasons: Vec<String> = o
             .rejected_by_reason
@@ -625,6 +634,9 @@ pub fn render_text(r: &Report) -> String {
         }
     );
     let _ = writeln!(out, "outcomes  {}", outcome_line(&t.outcomes));
+    if let Some(e) = &t.first_transport_error {
+        let _ = writeln!(out, "          first failed HTTP exchange: {e}");
+    }
     let _ = writeln!(
         out,
         "\nlatency, submit → outcome (ms)\n  {:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",

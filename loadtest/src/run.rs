@@ -123,11 +123,14 @@ pub async fn run(target: Arc<Target>, mix: &Mix, plan: &Plan) -> RunOutput {
         },
     ));
 
+    // Bus messages in flight (HTTP sends) are counted apart from tasks: `unfinished` is about
+    // tasks, and the bus figures are read only once its own sends have ended.
+    let bus_in_flight = Arc::new(AtomicUsize::new(0));
     let bus_thread = mix.bus.as_ref().filter(|_| plan.bus_rate > 0.0).map(|b| {
         let target = target.clone();
         let counters = bus_counters.clone();
         let (rate, share) = (plan.bus_rate, b.publish_share);
-        let (rt, in_flight, max) = (sink.rt.clone(), sink.in_flight.clone(), plan.max_in_flight);
+        let (rt, in_flight, max) = (sink.rt.clone(), bus_in_flight.clone(), plan.max_in_flight);
         std::thread::Builder::new()
             .name("loadgen-bus".into())
             .spawn(move || {
@@ -184,6 +187,12 @@ pub async fn run(target: Arc<Target>, mix: &Mix, plan: &Plan) -> RunOutput {
     if let Some(Ok(h)) = bus_thread {
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
     }
+    let bus_drained = tokio::time::timeout(plan.drain, async {
+        while bus_in_flight.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let _ = bus_drained.await;
     // Outstanding requests hold clones of the sender; the recorder ends when the last is done.
     let in_flight = sink.in_flight.clone();
     drop(sink);

@@ -121,6 +121,7 @@ pub struct Http {
     topic_body: Option<Bytes>,
     bus_payload: String,
     agents: u32,
+    first_transport_error: std::sync::OnceLock<String>,
 }
 
 /// The system under test.
@@ -276,6 +277,7 @@ impl Target {
                 .map(|b| String::from_utf8_lossy(&b.payload).into_owned())
                 .unwrap_or_default(),
             agents: agents.agents,
+            first_transport_error: std::sync::OnceLock::new(),
         }))
     }
 
@@ -284,6 +286,14 @@ impl Target {
         match self {
             Target::Embedded(e) => format!("embedded {}-agent pool", e.agents),
             Target::Http(h) => h.base.clone(),
+        }
+    }
+
+    /// The first HTTP exchange that failed, if any did (the report shows it).
+    pub fn first_transport_error(&self) -> Option<String> {
+        match self {
+            Target::Embedded(_) => None,
+            Target::Http(h) => h.first_transport_error.get().cloned(),
         }
     }
 
@@ -458,7 +468,7 @@ impl Http {
             .await
         {
             Ok(r) => r,
-            Err(_) => return Class::Error,
+            Err(e) => return self.transport(error_chain(&e)),
         };
         let status = resp.status().as_u16();
         if status != 200 {
@@ -470,8 +480,18 @@ impl Http {
             .map(|b| serde_json::from_slice::<TaskReply>(&b))
         {
             Ok(Ok(TaskReply { outcome: Some(o) })) => class_of_outcome(&o),
-            _ => Class::Error,
+            Ok(Ok(TaskReply { outcome: None })) => {
+                self.transport("an answer without an outcome".to_owned())
+            }
+            Ok(Err(e)) => self.transport(format!("an unreadable answer: {e}")),
+            Err(e) => self.transport(error_chain(&e)),
         }
+    }
+
+    /// Keeps the first transport failure's text for the report; the rest are only counted.
+    fn transport(&self, why: String) -> Class {
+        let _ = self.first_transport_error.set(why);
+        Class::Transport
     }
 
     async fn refusal(&self, entry: usize) -> String {
@@ -527,9 +547,35 @@ impl Http {
     }
 }
 
+/// An error with its causes: reqwest's own text ("error sending request") hides the reason
+/// (connection refused, reset, no free ports) in its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, Error)]
+    #[error("error sending request")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_transport_error_names_its_cause() {
+        let e = Outer(std::io::Error::other("tcp open error: Too many open files"));
+        assert_eq!(
+            error_chain(&e),
+            "error sending request: tcp open error: Too many open files"
+        );
+    }
 
     #[test]
     fn http_statuses_and_outcomes_map_to_the_runtime_s_classes() {

@@ -190,6 +190,7 @@ fn outcomes_chart(r: &Report) -> Result<String> {
         ("panic", o.panic, RGBColor(148, 103, 189)),
         ("cancelled", o.cancelled, RGBColor(127, 127, 127)),
         ("rejected", o.rejected, RGBColor(31, 119, 180)),
+        ("transport", o.transport_error, RGBColor(188, 189, 34)),
     ];
     let mut svg = String::new();
     {
@@ -330,7 +331,7 @@ th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left
     let t = &r.tasks;
     let _ = write!(
         h,
-        "</table><p>policy: {}</p>\n<h2>Tasks</h2><table><tr><th>offered</th><th>offered/s</th><th>achieved/s</th><th>ok</th><th>error</th><th>timeout</th><th>panic</th><th>cancelled</th><th>rejected</th><th>error ratio</th></tr>\n<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}%</td></tr></table>\n",
+        "</table><p>policy: {}</p>\n<h2>Tasks</h2><table><tr><th>offered</th><th>offered/s</th><th>achieved/s</th><th>ok</th><th>error</th><th>timeout</th><th>panic</th><th>cancelled</th><th>rejected</th><th>transport errors</th><th>error ratio</th></tr>\n<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}%</td></tr></table>\n",
         esc(&r.slo.policy),
         t.outcomes.offered,
         trim(t.offered_per_s),
@@ -341,6 +342,7 @@ th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left
         t.outcomes.panic,
         t.outcomes.cancelled,
         t.outcomes.rejected,
+        t.outcomes.transport_error,
         t.error_ratio * 100.0
     );
     let _ = writeln!(h, "<figure>{}</figure>", charts[0]);

@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use troupe::slo::{Objective, ObjectiveKind, Policy, WINDOW_PLACEHOLDER};
+use troupe::slo::{Objective, ObjectiveKind, Policy, WINDOW_PLACEHOLDER, fmt_num as num};
 
 /// Windows every error ratio is recorded over.
 const WINDOWS: [&str; 7] = ["5m", "30m", "1h", "2h", "6h", "1d", "3d"];
@@ -51,13 +51,6 @@ pub fn prom_duration(d: Duration) -> String {
         }
     }
     format!("{s}s")
-}
-
-/// A float without noise: `0.001`, not `0.0010000000000000009`.
-fn num(x: f64) -> String {
-    let r = (x * 1e9).round() / 1e9;
-    let s = format!("{r}");
-    s.strip_suffix(".0").map(str::to_owned).unwrap_or(s)
 }
 
 fn selector(policy: &Policy, o: &Objective) -> String {

@@ -206,9 +206,10 @@ impl Objective {
     }
 }
 
-/// Formats a number without a trailing `.0`, and rounds away float noise (`0.09999…`).
-fn fmt_num(x: f64) -> String {
-    let r = (x * 1e6).round() / 1e6;
+/// Formats a number for people and for generated rules: no trailing `.0`, and float noise
+/// rounded away (`1 - 0.999` is `0.001`, not `0.0010000000000000009`).
+pub fn fmt_num(x: f64) -> String {
+    let r = (x * 1e9).round() / 1e9;
     if r.fract() == 0.0 {
         format!("{r:.0}")
     } else {

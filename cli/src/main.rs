@@ -120,7 +120,7 @@ fn slo_rules(
     alerts_out: &std::path::Path,
     check: bool,
 ) -> anyhow::Result<()> {
-    let p = troupe::slo::Policy::from_file(policy)
+    let p = troupe_slo::Policy::from_file(policy)
         .with_context(|| format!("SLO policy {}", policy.display()))?;
     let files = [
         (rules_out, slo::recording_rules(&p)),

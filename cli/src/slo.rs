@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use troupe::slo::{Objective, ObjectiveKind, Policy, WINDOW_PLACEHOLDER, fmt_num as num};
+use troupe_slo::{Objective, ObjectiveKind, Policy, WINDOW_PLACEHOLDER, fmt_num as num};
 
 /// Windows every error ratio is recorded over.
 const WINDOWS: [&str; 7] = ["5m", "30m", "1h", "2h", "6h", "1d", "3d"];
@@ -320,9 +320,9 @@ pub fn alert_rules(policy: &Policy) -> String {
 
 fn pname(o: &Objective) -> String {
     let what = match o.subject {
-        troupe::slo::Subject::Tasks => "task latency",
-        troupe::slo::Subject::Messages => "message latency",
-        troupe::slo::Subject::AgentStartup => "agent start-up",
+        troupe_slo::Subject::Tasks => "task latency",
+        troupe_slo::Subject::Messages => "message latency",
+        troupe_slo::Subject::AgentStartup => "agent start-up",
     };
     format!("p{} {what}", num(o.percentile().unwrap_or(0.0)))
 }

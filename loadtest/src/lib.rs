@@ -21,7 +21,7 @@ pub mod target;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use troupe::slo::Policy;
+use troupe_slo::Policy;
 
 use crate::mix::Mix;
 use crate::report::{Context, RampReport, Report};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use troupe::slo::Policy;
+use troupe_slo::Policy;
 use troupe_loadtest::mix::Mix;
 use troupe_loadtest::report::{self, Report};
 use troupe_loadtest::run::{Mode, Plan, Progress};

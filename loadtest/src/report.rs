@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use troupe::Priority;
-use troupe::slo::{Objective, ObjectiveKind, Policy, Subject};
+use troupe_slo::{Objective, ObjectiveKind, Policy, Subject};
 
 use crate::mix::Mix;
 use crate::record::{self, CurvePoint, Outcomes, Percentiles, Tick};

@@ -77,8 +77,6 @@ mod priority;
 mod queue;
 mod runtime;
 pub mod sandbox;
-#[cfg(feature = "slo")]
-pub mod slo;
 mod slot;
 mod supervisor;
 mod task;

@@ -14,7 +14,7 @@
 //! In SLI queries `{{window}}` stands for the range the rule is evaluated over (`5m`, `1h`, …).
 //!
 //! ```
-//! let policy = troupe::slo::Policy::from_yaml_str(r#"
+//! let policy = troupe_slo::Policy::from_yaml_str(r#"
 //! version: 1
 //! service: troupe
 //! window: 30d
@@ -29,8 +29,10 @@
 //!       total: sum(rate(troupe_task_latency_seconds_count[{{window}}]))
 //! "#)?;
 //! assert_eq!(policy.objectives[0].percentile(), Some(99.0));
-//! # Ok::<(), troupe::slo::SloError>(())
+//! # Ok::<(), troupe_slo::SloError>(())
 //! ```
+
+#![warn(missing_docs)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use troupe_slo::Policy;
 use troupe_loadtest::mix::Mix;
 use troupe_loadtest::report::{self, Report};
 use troupe_loadtest::run::{Mode, Plan, Progress};
 use troupe_loadtest::target::Target;
 use troupe_loadtest::{Ramp, Settings, html};
+use troupe_slo::Policy;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

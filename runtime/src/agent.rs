@@ -12,23 +12,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, Message};
-use crate::runtime::Shared;
+use crate::handle::RuntimeHandle;
+use crate::ids::AgentId;
+use crate::pool::AgentSpec;
+use crate::sandbox::model::Lane;
+use crate::supervisor::policy::ExitReason;
 use crate::task::{TaskError, TaskRequest};
-
-/// Identifies an agent slot in the pool. Stable across restarts: a rebuilt agent keeps its id,
-/// its mailbox and its place in its tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct AgentId(pub u32);
-
-impl fmt::Display for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
 
 /// An error from an agent's factory or lifecycle hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,38 +39,6 @@ impl fmt::Display for AgentError {
 }
 
 impl std::error::Error for AgentError {}
-
-/// Why an agent incarnation ended. The supervisor decides from this whether to restart it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// It was asked to stop (shutdown, or a sibling restart under one_for_all / rest_for_one).
-    Stopped,
-    /// A handler or hook panicked; the message is the panic payload.
-    Panicked(String),
-    /// Its factory or `on_start` / `on_restart` hook returned an error.
-    StartFailed(String),
-    /// It stayed busy past its task's deadline by three heartbeats (a handler that blocks its
-    /// thread): its task was answered `timeout` and a new instance replaced it.
-    Unresponsive(String),
-}
-
-impl ExitReason {
-    /// True for exits a `transient` child is restarted after.
-    pub fn is_abnormal(&self) -> bool {
-        !matches!(self, ExitReason::Stopped)
-    }
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitReason::Stopped => f.write_str("stopped"),
-            ExitReason::Panicked(m) => write!(f, "panicked: {m}"),
-            ExitReason::StartFailed(m) => write!(f, "failed to start: {m}"),
-            ExitReason::Unresponsive(m) => write!(f, "unresponsive: {m}"),
-        }
-    }
-}
 
 /// An agent: state plus handlers.
 ///
@@ -148,23 +107,6 @@ pub trait Agent: Send + 'static {
     }
 }
 
-/// What a factory knows about the agent it builds.
-#[derive(Debug, Clone)]
-pub struct AgentSpec {
-    /// The slot's id.
-    pub id: AgentId,
-    /// The agent kind, as named in the config.
-    pub kind: Arc<str>,
-    /// The tier the agent belongs to.
-    pub tier: Arc<str>,
-    /// Capabilities the agent serves (its kind is always one of them).
-    pub capabilities: Arc<[Arc<str>]>,
-    /// Kind-specific parameters from the config (`[tiers.agents.params]`).
-    pub params: Arc<toml::Table>,
-    /// How many times this slot has been started before (0 for the first build).
-    pub restarts: u32,
-}
-
 /// Builds agents of one kind. A supervisor calls it again to rebuild an agent after a crash.
 ///
 /// Any `Fn(&AgentSpec) -> A` is a factory; implement the trait directly when building can fail.
@@ -190,25 +132,23 @@ where
 
 /// Handed to every handler: who the agent is, and a bus handle that sends as this agent.
 pub struct AgentContext {
-    pub(crate) shared: Arc<Shared>,
+    runtime: RuntimeHandle,
     id: AgentId,
     kind: Arc<str>,
     tier: Arc<str>,
-    lane: Option<crate::sandbox::Lane>,
-    pub(crate) bus: Bus,
+    lane: Option<Lane>,
+    bus: Bus,
 }
 
 impl AgentContext {
-    /// The context of pool agent `index`.
-    pub(crate) fn new(shared: Arc<Shared>, index: u32) -> Self {
-        let spec = &shared.agents[index as usize].spec;
-        let (kind, tier) = (spec.kind.clone(), spec.tier.clone());
-        let bus = Bus::new(shared.clone(), Some(AgentId(index)));
+    /// The context of pool agent `spec`: its bus sends as it.
+    pub(crate) fn for_agent(runtime: RuntimeHandle, spec: &AgentSpec) -> Self {
+        let bus = runtime.bus_as(Some(spec.id));
         AgentContext {
-            shared,
-            id: AgentId(index),
-            kind,
-            tier,
+            runtime,
+            id: spec.id,
+            kind: spec.kind.clone(),
+            tier: spec.tier.clone(),
             lane: None,
             bus,
         }
@@ -217,14 +157,14 @@ impl AgentContext {
     /// The context of an agent instance running in a sandbox lane. It is not a pool member:
     /// its id is outside the pool and its bus sends anonymously.
     pub(crate) fn for_lane(
-        shared: Arc<Shared>,
+        runtime: RuntimeHandle,
         id: AgentId,
         kind: Arc<str>,
-        lane: crate::sandbox::Lane,
+        lane: Lane,
     ) -> Self {
-        let bus = Bus::new(shared.clone(), None);
+        let bus = runtime.bus();
         AgentContext {
-            shared,
+            runtime,
             id,
             kind,
             tier: Arc::from("sandbox"),
@@ -249,7 +189,7 @@ impl AgentContext {
     }
 
     /// The sandbox lane this instance runs in, or `None` for a pool agent.
-    pub fn lane(&self) -> Option<crate::sandbox::Lane> {
+    pub fn lane(&self) -> Option<Lane> {
         self.lane
     }
 
@@ -259,8 +199,8 @@ impl AgentContext {
     }
 
     /// A handle to the runtime, to submit sub-tasks.
-    pub fn runtime(&self) -> crate::runtime::RuntimeHandle {
-        crate::runtime::RuntimeHandle::from_shared(self.shared.clone())
+    pub fn runtime(&self) -> RuntimeHandle {
+        self.runtime.clone()
     }
 }
 

@@ -7,35 +7,28 @@
 //! subscriber list is an immutable snapshot swapped atomically when someone (un)subscribes.
 //!
 //! Messages carry a [`TraceContext`], so a trace can follow a conversation from agent to agent.
+//!
+//! The bus owns the mailboxes (one per pool agent, addressed by [`AgentId`]), the topics and
+//! its counters; it knows the pool only to wake the agent a message is for.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use crossbeam_queue::SegQueue;
+use dashmap::DashMap;
+use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::agent::AgentId;
+use crate::bound::Bound;
+pub use crate::config::Overflow;
 use crate::error::BusError;
-use crate::runtime::Shared;
-
-/// What a send does when the recipient's mailbox is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "policy")]
-pub enum Overflow {
-    /// Fail the send with [`BusError::MailboxFull`].
-    #[default]
-    Reject,
-    /// Drop the new message and count it in `troupe_bus_messages_dropped_total`.
-    DropNewest,
-    /// Wait for room, up to `timeout`; then fail like `Reject`.
-    Wait {
-        /// Longest wait for room.
-        #[serde(with = "humantime_serde")]
-        timeout: Duration,
-    },
-}
+use crate::ids::AgentId;
+use crate::phase::Phase;
+use crate::pool::Pool;
+use crate::telemetry::{LatencyHistogram, LatencySummary, StripedCounter};
+pub use crate::trace::TraceContext;
 
 /// Which bus operation produced a message; also the `kind` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,17 +54,13 @@ impl MessageKind {
     pub(crate) const fn index(self) -> usize {
         self as usize
     }
-}
 
-/// W3C trace context carried by a message (all zero when tracing is off).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TraceContext {
-    /// The trace id; 0 means "no trace".
-    pub trace_id: u128,
-    /// The span that sent the message.
-    pub span_id: u64,
-    /// W3C trace flags (bit 0: sampled).
-    pub flags: u8,
+    /// All kinds, in label order.
+    pub(crate) const ALL: [MessageKind; 3] = [
+        MessageKind::Direct,
+        MessageKind::Publish,
+        MessageKind::Request,
+    ];
 }
 
 /// A message as delivered to [`Agent::on_message`](crate::Agent::on_message).
@@ -85,9 +74,9 @@ pub struct Message {
     pub payload: Bytes,
     /// Trace context of the sender.
     pub trace: TraceContext,
-    pub(crate) kind: MessageKind,
-    pub(crate) reply: Option<oneshot::Sender<Bytes>>,
-    pub(crate) sent_at: Instant,
+    kind: MessageKind,
+    reply: Option<oneshot::Sender<Bytes>>,
+    sent_at: Instant,
 }
 
 impl Message {
@@ -99,6 +88,11 @@ impl Message {
     /// How the message was sent.
     pub fn kind(&self) -> MessageKind {
         self.kind
+    }
+
+    /// Takes the reply channel of a request (the receiving agent's loop answers it).
+    pub(crate) fn take_reply(&mut self) -> Option<oneshot::Sender<Bytes>> {
+        self.reply.take()
     }
 }
 
@@ -118,6 +112,135 @@ pub struct PublishReport {
     pub delivered: usize,
     /// Subscribers whose mailbox was full (dropped or refused, per the topic's policy).
     pub dropped: usize,
+}
+
+/// Bus totals.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BusStats {
+    /// Direct sends delivered to a mailbox.
+    pub direct: u64,
+    /// Publications delivered (one per subscriber reached).
+    pub publish: u64,
+    /// Requests delivered.
+    pub request: u64,
+    /// Dropped because a mailbox was full.
+    pub dropped_mailbox_full: u64,
+    /// Dropped because the recipient did not exist.
+    pub dropped_no_such_agent: u64,
+    /// Requests whose reply did not come in time.
+    pub dropped_timeout: u64,
+    /// Send to handler start, over all kinds.
+    pub delivery: LatencySummary,
+}
+
+/// Why a message was not delivered: the `reason` label values, in counter order.
+pub(crate) const DROP_REASONS: [&str; 3] = ["mailbox_full", "no_such_agent", "timeout"];
+
+/// The bus's counters, resolved once.
+struct BusTelemetry {
+    messages: [StripedCounter; 3],
+    delivery: [LatencyHistogram; 3],
+    /// By reason, in [`DROP_REASONS`] order.
+    dropped: [StripedCounter; 3],
+}
+
+const MAILBOX_FULL: usize = 0;
+const NO_SUCH_AGENT: usize = 1;
+const TIMED_OUT: usize = 2;
+
+/// A bounded mailbox of bus messages.
+struct Mailbox {
+    queue: SegQueue<Message>,
+    bound: Bound,
+}
+
+/// The bus's state: one mailbox per pool agent, the topics, the counters.
+pub(crate) struct BusCore {
+    mailboxes: Box<[Mailbox]>,
+    pool: Arc<Pool>,
+    topics: DashMap<String, Arc<TopicInner>>,
+    telemetry: BusTelemetry,
+    default_overflow: Overflow,
+    phase: Arc<Phase>,
+}
+
+impl BusCore {
+    /// A bus for `pool`'s agents, each with a mailbox of `capacity` messages.
+    pub(crate) fn new(
+        pool: Arc<Pool>,
+        capacity: usize,
+        default_overflow: Overflow,
+        phase: Arc<Phase>,
+        latency_histograms: bool,
+    ) -> Self {
+        BusCore {
+            mailboxes: (0..pool.len())
+                .map(|_| Mailbox {
+                    queue: SegQueue::new(),
+                    bound: Bound::new(capacity),
+                })
+                .collect(),
+            pool,
+            topics: DashMap::new(),
+            telemetry: BusTelemetry {
+                messages: std::array::from_fn(|_| StripedCounter::default()),
+                delivery: std::array::from_fn(|_| LatencyHistogram::new(latency_histograms)),
+                dropped: std::array::from_fn(|_| StripedCounter::default()),
+            },
+            default_overflow,
+            phase,
+        }
+    }
+
+    /// The next message for agent `index`, freeing its mailbox slot.
+    #[inline]
+    pub(crate) fn pop(&self, index: u32) -> Option<Message> {
+        let mailbox = &self.mailboxes[index as usize];
+        let msg = mailbox.queue.pop()?;
+        mailbox.bound.release();
+        Some(msg)
+    }
+
+    /// True if agent `index` has mail waiting.
+    #[inline]
+    pub(crate) fn has_mail(&self, index: u32) -> bool {
+        !self.mailboxes[index as usize].queue.is_empty()
+    }
+
+    /// Records that `msg` reached its handler.
+    #[inline]
+    pub(crate) fn delivered(&self, msg: &Message) {
+        let nanos = u64::try_from(msg.sent_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.telemetry.delivery[msg.kind.index()].record(nanos);
+    }
+
+    /// Messages of `kind` delivered to a mailbox.
+    pub(crate) fn messages(&self, kind: MessageKind) -> u64 {
+        self.telemetry.messages[kind.index()].get()
+    }
+
+    /// Messages dropped for [`DROP_REASONS`]`[reason]`.
+    pub(crate) fn dropped(&self, reason: usize) -> u64 {
+        self.telemetry.dropped[reason].get()
+    }
+
+    /// Send-to-handler latency of `kind`.
+    pub(crate) fn delivery(&self, kind: MessageKind) -> &LatencyHistogram {
+        &self.telemetry.delivery[kind.index()]
+    }
+
+    /// Totals since start.
+    pub(crate) fn stats(&self) -> BusStats {
+        BusStats {
+            direct: self.messages(MessageKind::Direct),
+            publish: self.messages(MessageKind::Publish),
+            request: self.messages(MessageKind::Request),
+            dropped_mailbox_full: self.dropped(MAILBOX_FULL),
+            dropped_no_such_agent: self.dropped(NO_SUCH_AGENT),
+            dropped_timeout: self.dropped(TIMED_OUT),
+            delivery: LatencyHistogram::merged(&self.telemetry.delivery),
+        }
+    }
 }
 
 pub(crate) struct TopicInner {
@@ -169,7 +292,7 @@ impl Topic {
 /// A handle to the bus. Cheap to clone. From an agent's context it sends as that agent.
 #[derive(Clone)]
 pub struct Bus {
-    shared: Arc<Shared>,
+    core: Arc<BusCore>,
     from: Option<AgentId>,
 }
 
@@ -180,8 +303,8 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    pub(crate) fn new(shared: Arc<Shared>, from: Option<AgentId>) -> Self {
-        Bus { shared, from }
+    pub(crate) fn new(core: Arc<BusCore>, from: Option<AgentId>) -> Self {
+        Bus { core, from }
     }
 
     fn message(&self, kind: MessageKind, topic: Option<Arc<str>>, payload: Bytes) -> Message {
@@ -197,7 +320,7 @@ impl Bus {
     }
 
     fn check_open(&self) -> Result<(), BusError> {
-        if self.shared.is_closed() {
+        if self.core.phase.is_closed() {
             Err(BusError::ShuttingDown)
         } else {
             Ok(())
@@ -206,7 +329,7 @@ impl Bus {
 
     /// Sends to `to` with the runtime's default overflow policy (`mailbox.overflow`).
     pub async fn send(&self, to: AgentId, payload: impl Into<Bytes>) -> Result<Delivery, BusError> {
-        let policy = self.shared.config.mailbox.overflow;
+        let policy = self.core.default_overflow;
         self.send_with(to, payload, policy).await
     }
 
@@ -225,7 +348,7 @@ impl Bus {
     /// Sends to `to` without waiting: under a `Wait` default policy a full mailbox is refused.
     pub fn try_send(&self, to: AgentId, payload: impl Into<Bytes>) -> Result<Delivery, BusError> {
         self.check_open()?;
-        let policy = match self.shared.config.mailbox.overflow {
+        let policy = match self.core.default_overflow {
             Overflow::Wait { .. } => Overflow::Reject,
             other => other,
         };
@@ -272,7 +395,7 @@ impl Bus {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(BusError::NoReply(to)),
             Err(_) => {
-                self.shared.telemetry.bus_dropped_timeout.increment(1);
+                self.core.telemetry.dropped[TIMED_OUT].increment(1);
                 Err(BusError::Timeout { agent: to, timeout })
             }
         }
@@ -292,16 +415,16 @@ impl Bus {
 
     /// Resolves (creating if needed) a topic with the default overflow policy.
     pub fn topic(&self, name: &str) -> Topic {
-        self.topic_with(name, self.shared.config.mailbox.overflow)
+        self.topic_with(name, self.core.default_overflow)
     }
 
     /// Resolves a topic, creating it with `overflow` as its policy if it does not exist yet
     /// (an existing topic keeps the policy it was created with).
     pub fn topic_with(&self, name: &str, overflow: Overflow) -> Topic {
-        let inner = if let Some(t) = self.shared.topics.get(name) {
+        let inner = if let Some(t) = self.core.topics.get(name) {
             t.clone()
         } else {
-            self.shared
+            self.core
                 .topics
                 .entry(name.to_owned())
                 .or_insert_with(|| {
@@ -321,9 +444,7 @@ impl Bus {
 
     /// Subscribes `agent` to `topic`. Subscribing twice is a no-op.
     pub fn subscribe(&self, topic: &str, agent: AgentId) -> Result<(), BusError> {
-        self.shared
-            .slot(agent)
-            .ok_or(BusError::NoSuchAgent(agent))?;
+        self.check_agent(agent)?;
         let t = self.topic(topic);
         t.inner.subscribers.rcu(|subs| {
             let mut subs = Vec::clone(subs);
@@ -337,10 +458,8 @@ impl Bus {
 
     /// Unsubscribes `agent` from `topic`. Unsubscribing a non-subscriber is a no-op.
     pub fn unsubscribe(&self, topic: &str, agent: AgentId) -> Result<(), BusError> {
-        self.shared
-            .slot(agent)
-            .ok_or(BusError::NoSuchAgent(agent))?;
-        if let Some(t) = self.shared.topics.get(topic) {
+        self.check_agent(agent)?;
+        if let Some(t) = self.core.topics.get(topic) {
             t.subscribers.rcu(|subs| {
                 subs.iter()
                     .copied()
@@ -349,6 +468,14 @@ impl Bus {
             });
         }
         Ok(())
+    }
+
+    fn check_agent(&self, agent: AgentId) -> Result<(), BusError> {
+        if (agent.0 as usize) < self.core.mailboxes.len() {
+            Ok(())
+        } else {
+            Err(BusError::NoSuchAgent(agent))
+        }
     }
 
     /// Subscribes the sending agent itself (from an agent's context).
@@ -397,52 +524,52 @@ impl Bus {
         self.check_open()?;
         let subs = topic.subscribers.load();
         let mut report = PublishReport::default();
-        let t = &self.shared.telemetry;
+        let t = &self.core.telemetry;
         for &s in subs.iter() {
-            let Some(slot) = self.shared.agents.get(s as usize) else {
+            let Some(mailbox) = self.core.mailboxes.get(s as usize) else {
                 continue;
             };
-            if slot.mailbox.bound.try_reserve().is_err() {
-                t.bus_dropped_mailbox_full.increment(1);
+            if mailbox.bound.try_reserve().is_err() {
+                t.dropped[MAILBOX_FULL].increment(1);
                 report.dropped += 1;
                 continue;
             }
-            slot.mailbox.queue.push(self.message(
+            mailbox.queue.push(self.message(
                 MessageKind::Publish,
                 Some(topic.name.clone()),
                 payload.clone(),
             ));
-            slot.signal.notify();
+            self.core.pool.slot(s).signal().notify();
             report.delivered += 1;
         }
-        t.bus_messages[MessageKind::Publish.index()].increment(report.delivered as u64);
+        t.messages[MessageKind::Publish.index()].increment(report.delivered as u64);
         Ok(report)
     }
 
-    /// The recipient's slot, counting a send to nobody.
-    fn recipient(&self, to: AgentId) -> Result<&crate::slot::AgentSlot, BusError> {
-        self.shared.slot(to).ok_or_else(|| {
-            self.shared.telemetry.bus_dropped_no_such_agent.increment(1);
+    /// The recipient's mailbox, counting a send to nobody.
+    fn recipient(&self, to: AgentId) -> Result<&Mailbox, BusError> {
+        self.core.mailboxes.get(to.0 as usize).ok_or_else(|| {
+            self.core.telemetry.dropped[NO_SUCH_AGENT].increment(1);
             BusError::NoSuchAgent(to)
         })
     }
 
     /// Puts a message into a mailbox slot already reserved, and wakes the agent.
     #[inline]
-    fn push(&self, slot: &crate::slot::AgentSlot, msg: Message) -> Delivery {
-        self.shared.telemetry.bus_messages[msg.kind.index()].increment(1);
-        slot.mailbox.queue.push(msg);
-        slot.signal.notify();
+    fn push(&self, to: AgentId, mailbox: &Mailbox, msg: Message) -> Delivery {
+        self.core.telemetry.messages[msg.kind.index()].increment(1);
+        mailbox.queue.push(msg);
+        self.core.pool.slot(to.0).signal().notify();
         Delivery::Delivered
     }
 
     /// Counts a full mailbox and describes it.
-    fn full(&self, to: AgentId, slot: &crate::slot::AgentSlot, depth: usize) -> BusError {
-        self.shared.telemetry.bus_dropped_mailbox_full.increment(1);
+    fn full(&self, to: AgentId, mailbox: &Mailbox, depth: usize) -> BusError {
+        self.core.telemetry.dropped[MAILBOX_FULL].increment(1);
         BusError::MailboxFull {
             agent: to,
             depth,
-            capacity: slot.mailbox.bound.capacity(),
+            capacity: mailbox.bound.capacity(),
         }
     }
 
@@ -453,11 +580,11 @@ impl Bus {
         msg: Message,
         overflow: Overflow,
     ) -> Result<Delivery, BusError> {
-        let slot = self.recipient(to)?;
-        match slot.mailbox.bound.try_reserve() {
-            Ok(()) => Ok(self.push(slot, msg)),
+        let mailbox = self.recipient(to)?;
+        match mailbox.bound.try_reserve() {
+            Ok(()) => Ok(self.push(to, mailbox, msg)),
             Err(depth) => {
-                let error = self.full(to, slot, depth);
+                let error = self.full(to, mailbox, depth);
                 match overflow {
                     Overflow::DropNewest => Ok(Delivery::Dropped),
                     Overflow::Reject | Overflow::Wait { .. } => Err(error),
@@ -475,15 +602,10 @@ impl Bus {
         let Overflow::Wait { timeout } = overflow else {
             return self.try_deliver(to, msg, overflow);
         };
-        let slot = self.recipient(to)?;
-        match slot
-            .mailbox
-            .bound
-            .reserve_until(Instant::now() + timeout)
-            .await
-        {
-            Ok(()) => Ok(self.push(slot, msg)),
-            Err(depth) => Err(self.full(to, slot, depth)),
+        let mailbox = self.recipient(to)?;
+        match mailbox.bound.reserve_until(Instant::now() + timeout).await {
+            Ok(()) => Ok(self.push(to, mailbox, msg)),
+            Err(depth) => Err(self.full(to, mailbox, depth)),
         }
     }
 }

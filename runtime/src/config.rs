@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bus::Overflow;
 use crate::error::ConfigError;
 use crate::priority::PerPriority;
-use crate::supervisor::{RestartPolicy, Strategy};
+use crate::sandbox::model::SandboxConfig;
+use crate::supervisor::policy::{RestartPolicy, Strategy};
 
 /// The default pool limit: the size of the pool Troupe was built for.
 pub const DEFAULT_MAX_AGENTS: usize = 928;
@@ -54,7 +54,7 @@ pub struct RuntimeConfig {
     /// What the runtime measures.
     pub telemetry: TelemetryConfig,
     /// The tri-sandbox: which kinds can run on three lanes, and how.
-    pub sandbox: crate::sandbox::SandboxConfig,
+    pub sandbox: SandboxConfig,
     /// The tiers, started in this order and stopped in reverse.
     pub tiers: Vec<TierConfig>,
 }
@@ -73,7 +73,7 @@ impl Default for RuntimeConfig {
             },
             liveness: LivenessConfig::default(),
             telemetry: TelemetryConfig::default(),
-            sandbox: crate::sandbox::SandboxConfig::default(),
+            sandbox: SandboxConfig::default(),
             tiers: Vec::new(),
         }
     }
@@ -446,6 +446,24 @@ fn check_period(field: &str, period: Duration) -> Result<(), ConfigError> {
     } else {
         Ok(())
     }
+}
+
+/// What a bus send does when the recipient's mailbox is full (`mailbox.overflow`, or per send
+/// and per topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
+pub enum Overflow {
+    /// Fail the send with [`BusError::MailboxFull`].
+    #[default]
+    Reject,
+    /// Drop the new message and count it in `troupe_bus_messages_dropped_total`.
+    DropNewest,
+    /// Wait for room, up to `timeout`; then fail like `Reject`.
+    Wait {
+        /// Longest wait for room.
+        #[serde(with = "humantime_serde")]
+        timeout: Duration,
+    },
 }
 
 #[cfg(test)]

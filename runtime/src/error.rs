@@ -7,13 +7,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::agent::AgentId;
+use crate::ids::AgentId;
 use crate::priority::Priority;
-
-/// A string that is not a priority name.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("unknown priority `{0}` (expected one of critical, high, normal, low, background)")]
-pub struct ParsePriorityError(pub String);
 
 /// A configuration that cannot be used. `field` is a path into the config, such as
 /// `tiers[2].agents[0].count`.

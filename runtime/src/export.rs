@@ -19,11 +19,11 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
-use crate::bus::MessageKind;
+use crate::bus::{DROP_REASONS, MessageKind};
+use crate::handle::{Core, RuntimeHandle};
+use crate::pool::AgentState;
 use crate::priority::Priority;
-use crate::runtime::{RuntimeHandle, Shared};
-use crate::sandbox::{Lane, LaneResult};
-use crate::slot::AgentState;
+use crate::sandbox::model::{Lane, LaneResult};
 use crate::task::OutcomeKind;
 use crate::telemetry::LatencyHistogram;
 
@@ -34,12 +34,7 @@ pub const BUCKETS: [f64; 19] = [
 ];
 
 const REJECT_REASONS: [&str; 3] = ["queue_full", "shutting_down", "invalid"];
-const DROP_REASONS: [&str; 3] = ["mailbox_full", "no_such_agent", "timeout"];
-const KINDS: [MessageKind; 3] = [
-    MessageKind::Direct,
-    MessageKind::Publish,
-    MessageKind::Request,
-];
+const KINDS: [MessageKind; 3] = MessageKind::ALL;
 const STATES: [&str; 3] = ["running", "restarting", "stopped"];
 const VOTES: [&str; 3] = ["unanimous", "majority", "no_quorum"];
 
@@ -67,7 +62,7 @@ struct Series {
 }
 
 enum Source {
-    Runtime(fn(&Shared, usize) -> &LatencyHistogram, usize),
+    Runtime(fn(&Core, usize) -> &LatencyHistogram, usize),
     External(Arc<LatencyHistogram>),
 }
 
@@ -99,7 +94,7 @@ struct Handles {
 
 /// Renders the runtime's metrics in the Prometheus text format.
 pub struct MetricsExporter {
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     recorder: PrometheusRecorder,
     handles: Handles,
     histograms: Mutex<Vec<Family>>,
@@ -128,7 +123,7 @@ fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
 impl MetricsExporter {
     /// An exporter for `runtime`'s metrics (and this process's `process_*` metrics).
     pub fn new(runtime: &RuntimeHandle) -> Self {
-        let shared = runtime.shared().clone();
+        let core = runtime.core().clone();
         let recorder = PrometheusBuilder::new().build_recorder();
         let r = &recorder;
         let describe = |name: &'static str, help: &'static str| {
@@ -141,7 +136,7 @@ impl MetricsExporter {
             r.register_gauge(&key(name, labels), &METADATA)
         };
         let pri = |p: Priority| ("priority", p.as_str().to_owned());
-        let tiers: Vec<String> = shared.tiers.iter().map(|t| t.config.name.clone()).collect();
+        let tiers: Vec<String> = core.supervision().tier_names();
 
         describe(
             "troupe_tasks_submitted_total",
@@ -339,7 +334,7 @@ impl MetricsExporter {
                 .collect(),
         };
 
-        let per_priority = |f: fn(&Shared, usize) -> &LatencyHistogram| {
+        let per_priority = |f: fn(&Core, usize) -> &LatencyHistogram| {
             Priority::ALL
                 .iter()
                 .map(|&p| Series {
@@ -352,17 +347,17 @@ impl MetricsExporter {
             Family {
                 name: "troupe_task_queue_wait_seconds",
                 help: "Time a task waited in its queue before an agent took it.",
-                series: per_priority(|s, i| &s.telemetry.queue_wait.0[i]),
+                series: per_priority(|c, i| c.ledger().queue_wait(Priority::ALL[i])),
             },
             Family {
                 name: "troupe_task_duration_seconds",
                 help: "Handler time per task attempt.",
-                series: per_priority(|s, i| &s.telemetry.handler.0[i]),
+                series: per_priority(|c, i| c.ledger().handler(Priority::ALL[i])),
             },
             Family {
                 name: "troupe_task_latency_seconds",
                 help: "Time from submission to outcome.",
-                series: per_priority(|s, i| &s.telemetry.latency.0[i]),
+                series: per_priority(|c, i| c.ledger().latency(Priority::ALL[i])),
             },
             Family {
                 name: "troupe_bus_delivery_seconds",
@@ -371,7 +366,7 @@ impl MetricsExporter {
                     .iter()
                     .map(|k| Series {
                         labels: vec![("kind", k.as_str().to_owned())],
-                        source: Source::Runtime(|s, i| &s.telemetry.bus_delivery[i], k.index()),
+                        source: Source::Runtime(|c, i| c.bus().delivery(KINDS[i]), k.index()),
                     })
                     .collect(),
             },
@@ -383,7 +378,7 @@ impl MetricsExporter {
                     .enumerate()
                     .map(|(i, t)| Series {
                         labels: vec![("tier", t.clone())],
-                        source: Source::Runtime(|s, i| &s.tiers[i].startup, i),
+                        source: Source::Runtime(|c, i| c.supervision().startup(i), i),
                     })
                     .collect(),
             },
@@ -392,7 +387,7 @@ impl MetricsExporter {
         let process = metrics_process::Collector::default();
         metrics::with_local_recorder(&recorder, || process.describe());
         MetricsExporter {
-            shared,
+            core,
             recorder,
             handles,
             histograms: Mutex::new(histograms),
@@ -439,64 +434,74 @@ impl MetricsExporter {
     }
 
     fn sync(&self) {
-        let s = &*self.shared;
-        let t = &s.telemetry;
+        let c = &*self.core;
+        let (ledger, admission, bus, sup, sb) = (
+            c.ledger(),
+            c.admission(),
+            c.bus(),
+            c.supervision(),
+            c.sandbox(),
+        );
         let h = &self.handles;
         for p in Priority::ALL {
             let i = p.index();
-            h.submitted[i].absolute(t.submitted[p].get());
+            h.submitted[i].absolute(ledger.submitted(p));
             for o in OutcomeKind::ALL {
-                h.completed[i][o.index()].absolute(t.completed(p, o));
+                h.completed[i][o.index()].absolute(ledger.completed(p, o));
             }
-            for (r, c) in h.rejected[i].iter().enumerate() {
-                c.absolute(t.rejected[p][r].get());
+            let r = ledger.rejections(p);
+            for (c, n) in h.rejected[i]
+                .iter()
+                .zip([r.queue_full, r.shutting_down, r.invalid])
+            {
+                c.absolute(n);
             }
-            h.depth[i].set(s.admission.level(p).len() as f64);
-            h.capacity[i].set(s.admission.level(p).capacity() as f64);
+            h.depth[i].set(admission.depth(p) as f64);
+            h.capacity[i].set(admission.capacity(p) as f64);
         }
         for k in KINDS {
-            h.bus[k.index()].absolute(t.bus_messages[k.index()].get());
+            h.bus[k.index()].absolute(bus.messages(k));
         }
-        h.dropped[0].absolute(t.bus_dropped_mailbox_full.get());
-        h.dropped[1].absolute(t.bus_dropped_no_such_agent.get());
-        h.dropped[2].absolute(t.bus_dropped_timeout.get());
-        let mut counts = vec![[0usize; 3]; s.tiers.len()];
-        let mut starts = vec![0u64; s.tiers.len()];
-        let mut unhealthy = vec![0usize; s.tiers.len()];
-        for slot in s.agents.iter() {
+        for (reason, d) in h.dropped.iter().enumerate() {
+            d.absolute(bus.dropped(reason));
+        }
+        let tiers = sup.tier_count();
+        let mut counts = vec![[0usize; 3]; tiers];
+        let mut starts = vec![0u64; tiers];
+        let mut unhealthy = vec![0usize; tiers];
+        for slot in c.pool().slots() {
             let state = match slot.state() {
                 AgentState::Running => 0,
                 AgentState::Starting | AgentState::Restarting => 1,
                 AgentState::Stopped => 2,
             };
-            counts[slot.tier][state] += 1;
-            starts[slot.tier] += slot.starts.load(std::sync::atomic::Ordering::Relaxed);
+            counts[slot.tier()][state] += 1;
+            starts[slot.tier()] += slot.starts();
             if slot.is_unhealthy() {
-                unhealthy[slot.tier] += 1;
+                unhealthy[slot.tier()] += 1;
             }
         }
-        for (i, tier) in s.tiers.iter().enumerate() {
+        for i in 0..tiers {
             for (state, g) in h.agents[i].iter().enumerate() {
                 g.set(counts[i][state] as f64);
             }
             h.unhealthy[i].set(unhealthy[i] as f64);
             h.starts[i].absolute(starts[i]);
-            h.restarts[i].absolute(tier.restarts.load(std::sync::atomic::Ordering::Relaxed));
-            h.escalations[i].absolute(tier.escalations.load(std::sync::atomic::Ordering::Relaxed));
+            h.restarts[i].absolute(sup.restarts(i));
+            h.escalations[i].absolute(sup.escalations(i));
         }
-        h.agents_capacity.set(s.config.max_agents as f64);
-        let sb = &s.sandbox;
+        h.agents_capacity.set(c.config().max_agents as f64);
         let available = sb.lanes_available();
         for lane in Lane::ALL {
             let i = lane.index();
-            for (k, c) in h.lane_exec[i].iter().enumerate() {
-                c.absolute(sb.telemetry.executions[i][k].get());
+            for (k, counter) in h.lane_exec[i].iter().enumerate() {
+                counter.absolute(sb.executions(lane, k));
             }
             h.lanes_available[i].set(available[i].0 as f64);
             h.lanes_total[i].set(available[i].1 as f64);
         }
-        for (k, c) in h.votes.iter().enumerate() {
-            c.absolute(sb.telemetry.votes[k].get());
+        for (k, counter) in h.votes.iter().enumerate() {
+            counter.absolute(sb.votes(k));
         }
         metrics::with_local_recorder(&self.recorder, || self.process.collect());
     }
@@ -511,7 +516,7 @@ impl MetricsExporter {
             let _ = writeln!(out, "# TYPE {} histogram", f.name);
             for series in &f.series {
                 let hist = match &series.source {
-                    Source::Runtime(get, i) => get(&self.shared, *i).snapshot(),
+                    Source::Runtime(get, i) => get(&self.core, *i).snapshot(),
                     Source::External(h) => h.snapshot(),
                 };
                 render_histogram(&mut out, f.name, &series.labels, hist.as_ref());

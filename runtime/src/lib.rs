@@ -66,42 +66,60 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
-mod agent;
+// The parts, bottom up. Each owns its state behind a narrow API; arrows point down only.
+// Primitives and vocabulary (import nothing above them):
 mod bound;
-mod bus;
-mod config;
 mod error;
-mod export;
-mod health;
+mod ids;
+mod phase;
 mod priority;
-mod queue;
-mod runtime;
-pub mod sandbox;
-mod slot;
-mod supervisor;
+mod signal;
 mod task;
 mod telemetry;
 mod trace;
+// The parts:
+mod admission;
+mod bus;
+mod config;
+mod events;
+mod ledger;
+mod pool;
+mod queue;
+pub mod sandbox;
+mod supervisor;
+// Composition, and what sits on it:
+mod agent;
+mod export;
+mod handle;
+mod health;
+mod runtime;
+mod source;
 mod worker;
 
-pub use agent::{Agent, AgentContext, AgentError, AgentFactory, AgentId, AgentSpec, ExitReason};
-pub use bus::{Bus, Delivery, Message, MessageKind, Overflow, PublishReport, Topic, TraceContext};
+pub use admission::QueueHealth;
+pub use agent::{Agent, AgentContext, AgentError, AgentFactory};
+pub use bus::{Bus, BusStats, Delivery, Message, MessageKind, PublishReport, Topic};
 pub use config::{
     AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, LivenessConfig,
-    MailboxConfig, QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig, TelemetryConfig,
-    TierConfig,
+    MailboxConfig, Overflow, QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig,
+    TelemetryConfig, TierConfig,
 };
-pub use error::{BusError, ConfigError, ParsePriorityError, Rejected, StartError, SubmitError};
+pub use error::{BusError, ConfigError, Rejected, StartError, SubmitError};
+pub use events::{TaskEvent, TaskEventKind, TaskObserver};
 pub use export::{BUCKETS, HistogramHandle, MetricsExporter};
-pub use health::{
-    AgentCounts, BusStats, Health, LaneStats, OutcomeCounts, PriorityStats, QueueHealth,
-    RejectionCounts, SandboxStats, Stats, TierHealth,
-};
-pub use priority::{PerPriority, Priority};
-pub use runtime::{Runtime, RuntimeBuilder, RuntimeHandle, ShutdownReport};
-pub use slot::AgentState;
-pub use supervisor::{RestartPolicy, Strategy};
+pub use handle::RuntimeHandle;
+pub use health::{Health, Stats};
+pub use ids::{AgentId, TaskId};
+pub use ledger::{OutcomeCounts, PriorityStats, RejectionCounts};
+pub use pool::{AgentSpec, AgentState};
+pub use priority::{ParsePriorityError, PerPriority, Priority};
+pub use runtime::{Runtime, RuntimeBuilder, ShutdownReport};
+pub use sandbox::{LaneStats, SandboxStats};
+pub use source::{SourceReport, SourcedTask, TaskSource};
+pub use supervisor::policy::{ExitReason, RestartPolicy, Strategy};
+pub use supervisor::{AgentCounts, TierHealth};
 pub use task::{
-    Outcome, OutcomeKind, RetryPolicy, Target, Task, TaskError, TaskHandle, TaskId, TaskRequest,
+    Outcome, OutcomeKind, RetryPolicy, Target, Task, TaskError, TaskHandle, TaskRequest,
 };
 pub use telemetry::LatencySummary;
+pub use trace::TraceContext;

@@ -8,8 +8,12 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::error::ParsePriorityError;
+/// A string that is not a priority name.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown priority `{0}` (expected one of critical, high, normal, low, background)")]
+pub struct ParsePriorityError(pub String);
 
 /// How urgent a task is. Declared from most to least urgent; `Ord` follows urgency, so
 /// `Priority::Critical < Priority::Background`.

@@ -1,15 +1,10 @@
-//! Per-priority task queues: admission bounds and the work groups agents pull from.
+//! Per-priority task queues: the work groups agents pull from.
 //!
-//! Two structures share the work:
-//!
-//! * [`Admission`] holds one bounded depth counter per priority, across all targets. A task is
-//!   admitted only if it can reserve a slot at its priority; `try_submit` fails at once when it
-//!   cannot, `submit` waits for a slot (up to a deadline). This is the runtime's backpressure:
-//!   the queued work, and so the memory it holds, never exceeds the configured capacities.
-//! * A [`WorkGroup`] is the set of queues for one capability (every agent kind is one) or for
-//!   one agent (tasks sent to an agent id). Agents *pull* from the groups they serve, so a task
-//!   is never owned by a particular agent while queued: an agent that crashes or restarts loses
-//!   nothing but the task in its hands.
+//! A [`WorkGroup`] is the set of queues for one capability (every agent kind is one) or for one
+//! agent (tasks sent to an agent id). Agents *pull* from the groups they serve, so a task is
+//! never owned by a particular agent while queued: an agent that crashes or restarts loses
+//! nothing but the task in its hands. How many tasks may be queued is not decided here but by
+//! admission (`admission`), which every task passes before it reaches a group.
 //!
 //! Picking is priority-first with a starvation guard: a non-empty level that has been passed
 //! over `starvation_limit` times in a row takes the next turn. Under sustained load a level
@@ -17,35 +12,14 @@
 //! while a single urgent task still overtakes everything queued below it.
 //!
 //! Everything on this path is lock-free (crossbeam `SegQueue` plus atomics); the only wait is
-//! the `submit` slow path (see [`Bound`]).
+//! the `submit` slow path, which lives in admission.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crossbeam_queue::SegQueue;
-use crossbeam_utils::CachePadded;
 
-use crate::bound::Bound;
 use crate::priority::{PerPriority, Priority};
 use crate::task::QueuedTask;
-
-/// Bounded per-priority depth counters shared by every work group.
-pub(crate) struct Admission {
-    levels: [CachePadded<Bound>; Priority::COUNT],
-}
-
-impl Admission {
-    pub(crate) fn new(capacity: &PerPriority<usize>) -> Self {
-        Admission {
-            levels: std::array::from_fn(|i| CachePadded::new(Bound::new(capacity.0[i]))),
-        }
-    }
-
-    /// The bound of priority `p`.
-    #[inline]
-    pub(crate) fn level(&self, p: Priority) -> &Bound {
-        &self.levels[p.index()]
-    }
-}
 
 struct Level {
     queue: SegQueue<QueuedTask>,
@@ -73,7 +47,7 @@ impl WorkGroup {
         }
     }
 
-    /// Queues a task. The caller has reserved its slot in [`Admission`] and wakes an agent after.
+    /// Queues a task. The caller has reserved its slot in admission and wakes an agent after.
     #[inline]
     pub(crate) fn push(&self, task: QueuedTask) {
         let level = &self.levels[task.priority.index()];

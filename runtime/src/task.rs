@@ -17,19 +17,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::agent::AgentId;
+use crate::ids::{AgentId, TaskId};
 use crate::priority::Priority;
-
-/// Unique (per runtime) id of an accepted task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct TaskId(pub u64);
-
-impl fmt::Display for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
 
 /// Who should run a task.
 #[derive(Debug, Clone, PartialEq, Eq)]

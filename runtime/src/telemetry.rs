@@ -1,4 +1,4 @@
-//! Recording primitives for the hot path, and the runtime's set of them.
+//! Recording primitives for the hot path.
 //!
 //! Every event the runtime counts (a task submitted, an outcome, a message sent) lands in a
 //! [`StripedCounter`]: one cache-line-padded atomic per stripe, each thread writing its own
@@ -14,19 +14,19 @@
 //! read), which breaks "the report counts every task". Striping keeps recording wait-free for
 //! practical purposes and every sample visible to the next read.
 //!
-//! Handles are resolved once when the runtime starts; nothing here looks anything up by name.
+//! Each part of the runtime owns its own set of these (the ledger its task counters, the bus its
+//! message counters, supervision its start-up times, the sandbox its votes), resolved once when
+//! the runtime starts; nothing here looks anything up by name, and this module imports nothing
+//! else of the crate.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-
-use crate::bus::MessageKind;
-use crate::priority::{PerPriority, Priority};
-use crate::task::OutcomeKind;
 
 const STRIPES: usize = 8;
 
@@ -135,6 +135,28 @@ impl LatencyHistogram {
         }
         Some(merged)
     }
+
+    /// The percentiles of everything recorded so far.
+    pub(crate) fn summary(&self) -> LatencySummary {
+        self.snapshot()
+            .map(|h| LatencySummary::from_histogram(&h))
+            .unwrap_or_default()
+    }
+
+    /// The percentiles of several histograms together.
+    pub(crate) fn merged<'a>(
+        all: impl IntoIterator<Item = &'a LatencyHistogram>,
+    ) -> LatencySummary {
+        let Some(mut merged) = new_histogram() else {
+            return LatencySummary::default();
+        };
+        for h in all {
+            if let Some(h) = h.snapshot() {
+                let _ = merged.add(&h);
+            }
+        }
+        LatencySummary::from_histogram(&merged)
+    }
 }
 
 #[inline]
@@ -188,56 +210,16 @@ impl LatencySummary {
     }
 }
 
-/// Every counter and histogram of a runtime, resolved once at start.
-pub(crate) struct Telemetry {
-    pub(crate) submitted: PerPriority<StripedCounter>,
-    pub(crate) completed: PerPriority<[StripedCounter; OutcomeKind::ALL.len()]>,
-    /// Rejections by priority and reason (queue_full, shutting_down, invalid).
-    pub(crate) rejected: PerPriority<[StripedCounter; 3]>,
-    pub(crate) queue_wait: PerPriority<LatencyHistogram>,
-    pub(crate) handler: PerPriority<LatencyHistogram>,
-    pub(crate) latency: PerPriority<LatencyHistogram>,
-    pub(crate) bus_messages: [StripedCounter; 3],
-    pub(crate) bus_delivery: [LatencyHistogram; 3],
-    pub(crate) bus_dropped_mailbox_full: StripedCounter,
-    pub(crate) bus_dropped_no_such_agent: StripedCounter,
-    pub(crate) bus_dropped_timeout: StripedCounter,
+/// Nanoseconds since `since`, saturating.
+#[inline]
+pub(crate) fn elapsed_ns(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Telemetry {
-    /// `latency` switches the latency histograms on or off (counters always run).
-    pub(crate) fn new(latency: bool) -> Self {
-        Telemetry {
-            submitted: PerPriority::from_fn(|_| StripedCounter::default()),
-            completed: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
-            rejected: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
-            queue_wait: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
-            handler: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
-            latency: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
-            bus_messages: std::array::from_fn(|_| StripedCounter::default()),
-            bus_delivery: std::array::from_fn(|_| LatencyHistogram::new(latency)),
-            bus_dropped_mailbox_full: StripedCounter::default(),
-            bus_dropped_no_such_agent: StripedCounter::default(),
-            bus_dropped_timeout: StripedCounter::default(),
-        }
-    }
-
-    pub(crate) fn rejected_index(reason: &str) -> usize {
-        match reason {
-            "queue_full" => 0,
-            "shutting_down" => 1,
-            _ => 2,
-        }
-    }
-
-    #[inline]
-    pub(crate) fn delivered(&self, kind: MessageKind, nanos: u64) {
-        self.bus_delivery[kind.index()].record(nanos);
-    }
-
-    pub(crate) fn completed(&self, p: Priority, kind: OutcomeKind) -> u64 {
-        self.completed[p][kind.index()].get()
-    }
+/// Nanoseconds from `a` to `b` (0 if `b` is earlier), saturating.
+#[inline]
+pub(crate) fn nanos_between(a: Instant, b: Instant) -> u64 {
+    u64::try_from(b.saturating_duration_since(a).as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -6,7 +6,18 @@
 //! its parent, so one trace follows a conversation from agent to agent. Without the feature the
 //! context is left empty and spans are plain `tracing` spans.
 
-use crate::bus::TraceContext;
+use serde::{Deserialize, Serialize};
+
+/// W3C trace context carried by a message (all zero when tracing is off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The trace id; 0 means "no trace".
+    pub trace_id: u128,
+    /// The span that sent the message.
+    pub span_id: u64,
+    /// W3C trace flags (bit 0: sampled).
+    pub flags: u8,
+}
 
 /// The current span's trace context (empty without the `otel` feature or outside a trace).
 #[inline]

@@ -1,66 +1,59 @@
-//! The agent loop: one incarnation of one agent, from build to exit.
+//! The agent loop: one incarnation of one agent, from build to exit; and the loop of an agent
+//! instance on a sandbox lane.
 //!
 //! It builds the agent with its factory, runs its start hooks, then alternates between its
-//! mailbox and its work groups until asked to stop. Each handler call is isolated: a panic is
-//! caught, the task in hand gets its outcome (`panic`, or a retry), and the incarnation ends so
-//! the supervisor can build a fresh instance. A timeout or a shutdown cancel drops the handler's
-//! future, which is how an async handler is cancelled in Rust.
+//! mailbox (the bus's) and its work groups (the pool's) until asked to stop. Each handler call is
+//! isolated: a panic is caught, the task in hand gets its outcome (`panic`, or a retry), and the
+//! incarnation ends so the supervisor can build a fresh instance. A timeout or a shutdown cancel
+//! drops the handler's future, which is how an async handler is cancelled in Rust.
+//!
+//! This is where the parts meet an agent, so it sits above them all: supervision starts
+//! incarnations through the spawn functions the runtime builds from [`run`], and the sandbox
+//! starts lane instances through those built from [`run_lane_instance`].
 
-use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
-
-use std::sync::atomic::Ordering;
 
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use crate::agent::{Agent, AgentContext, AgentFactory, ExitReason};
-use crate::runtime::Shared;
-use crate::slot::{AgentSlot, AgentState};
+use crate::agent::{Agent, AgentContext, AgentFactory};
+use crate::handle::{Core, RuntimeHandle};
+use crate::pool::{AgentSlot, AgentSpec, AgentState, Liveness};
+use crate::sandbox::jobs::LaneJobs;
+use crate::sandbox::model::LaneResult;
+use crate::supervisor::Start;
+use crate::supervisor::policy::{ExitReason, panic_message};
 use crate::task::{Outcome, QueuedTask, TaskRequest};
+use crate::telemetry::elapsed_ns;
 
 /// Messages handled per turn before the agent looks at its task queues again, so a flood of
 /// messages cannot starve its tasks (or the reverse).
 const MESSAGE_BATCH: usize = 64;
 
-/// How an incarnation begins.
-pub(crate) struct Start {
-    pub(crate) index: u32,
-    /// The previous incarnation's exit, for a restart.
-    pub(crate) cause: Option<ExitReason>,
-    /// Backoff before building.
-    pub(crate) delay: std::time::Duration,
-    /// Fired once the agent has started (dropped unfired if it fails to).
-    pub(crate) started: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
 /// Runs one incarnation of agent `start.index` and returns why it ended.
 pub(crate) async fn run<F: AgentFactory>(
     factory: Arc<F>,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     start: Start,
 ) -> ExitReason {
     let index = start.index;
-    let slot = &shared.agents[index as usize];
+    let slot = core.pool().slot(index);
     if !start.delay.is_zero() {
         slot.set_state(AgentState::Restarting);
         tokio::time::sleep(start.delay).await;
     }
     slot.set_state(AgentState::Starting);
-    let incarnation = slot
-        .incarnation
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-        + 1;
-    slot.set_liveness(crate::slot::Liveness::Healthy);
+    let incarnation = slot.next_incarnation();
+    slot.set_liveness(Liveness::Healthy);
     let began = Instant::now();
-    let ctx = AgentContext::new(shared.clone(), index);
-    let mut spec = slot.spec.clone();
-    spec.restarts = slot.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    let ctx = AgentContext::for_agent(RuntimeHandle::new(core.clone()), slot.spec());
+    let mut spec = slot.spec().clone();
+    spec.restarts = slot.restarts();
 
     let mut agent = match std::panic::catch_unwind(AssertUnwindSafe(|| factory.build(&spec))) {
         Ok(Ok(agent)) => agent,
@@ -82,20 +75,17 @@ pub(crate) async fn run<F: AgentFactory>(
             Err(p) => return ExitReason::Panicked(panic_message(p.as_ref())),
         }
     }
-    shared.tiers[slot.tier].startup.record(elapsed_ns(began));
+    core.supervision()
+        .record_startup(slot.tier(), elapsed_ns(began));
     slot.set_state(AgentState::Running);
-    if slot
-        .starts
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-        == 0
-    {
-        shared.first_start_finished(index, None);
+    if slot.record_start() {
+        core.supervision().first_start_finished(index, None);
     }
     if let Some(started) = start.started {
         let _ = started.send(());
     }
 
-    let exit = serve(&mut agent, &ctx, &shared, slot, incarnation).await;
+    let exit = serve(&mut agent, &ctx, &core, slot, incarnation).await;
     if exit == ExitReason::Stopped {
         // A panicking stop hook still counts as a clean stop: the agent was leaving anyway.
         let _ = AssertUnwindSafe(agent.on_stop(&ctx)).catch_unwind().await;
@@ -106,31 +96,31 @@ pub(crate) async fn run<F: AgentFactory>(
 async fn serve<A: Agent>(
     agent: &mut A,
     ctx: &AgentContext,
-    shared: &Shared,
+    core: &Core,
     slot: &AgentSlot,
     incarnation: u64,
 ) -> ExitReason {
-    let limits = &shared.config.queues.starvation_limit;
+    let limits = &core.config().queues.starvation_limit;
+    let index = slot.spec().id.0;
+    let bus = core.bus();
     loop {
         let mut handled = 0;
         while handled < MESSAGE_BATCH {
-            let Some(mut msg) = slot.mailbox.pop() else {
+            let Some(mut msg) = bus.pop(index) else {
                 break;
             };
             handled += 1;
-            shared
-                .telemetry
-                .delivered(msg.kind, elapsed_ns(msg.sent_at));
-            let reply = msg.reply.take();
+            bus.delivered(&msg);
+            let reply = msg.take_reply();
             let span = tracing::debug_span!(
                 "troupe.bus.message",
-                kind = msg.kind.as_str(),
+                kind = msg.kind().as_str(),
                 from = msg.from.map(|a| a.0)
             );
             crate::trace::adopt(&span, &msg.trace);
             let handler =
                 AssertUnwindSafe(agent.on_message(msg, ctx).instrument(span)).catch_unwind();
-            let cancel = CancelSignal { shared, slot };
+            let cancel = CancelSignal { core, slot };
             let answer = tokio::select! {
                 biased;
                 r = handler => r,
@@ -152,15 +142,16 @@ async fn serve<A: Agent>(
             tokio::task::consume_budget().await;
         }
 
-        if slot.stop.load(std::sync::atomic::Ordering::Acquire) {
+        if slot.stop_requested() {
             return ExitReason::Stopped;
         }
 
-        if let Some(task) = pick(shared, slot, limits) {
-            if let Some(exit) = run_task(agent, ctx, shared, slot, task, incarnation).await {
+        if let Some(task) = slot.pick(limits) {
+            core.admission().release(task.priority);
+            if let Some(exit) = run_task(agent, ctx, core, slot, task, incarnation).await {
                 return exit;
             }
-            if slot.incarnation.load(std::sync::atomic::Ordering::Acquire) != incarnation {
+            if slot.incarnation() != incarnation {
                 return ExitReason::Unresponsive("replaced while its handler was stuck".into());
             }
             tokio::task::consume_budget().await;
@@ -172,50 +163,15 @@ async fn serve<A: Agent>(
 
         // Nothing to do: announce idleness, list ourselves where work may arrive, look once
         // more (work that arrived in between would otherwise find nobody to wake), then park.
-        if !slot.signal.begin_idle() {
+        if !slot.signal().begin_idle() {
             continue;
         }
-        for (position, group) in slot.groups.iter().enumerate() {
-            if !slot.in_idle[position].swap(true, std::sync::atomic::Ordering::SeqCst) {
-                group.push_idle(ctx.id().0, position as u8);
-            }
-        }
-        if slot.has_work()
-            || !slot.mailbox.is_empty()
-            || slot.stop.load(std::sync::atomic::Ordering::Acquire)
-        {
-            slot.signal.cancel_idle();
+        slot.list_idle();
+        if slot.has_work() || bus.has_mail(index) || slot.stop_requested() {
+            slot.signal().cancel_idle();
             continue;
         }
-        slot.signal.parked().await;
-    }
-}
-
-/// Takes the next task from the agent's groups: the group with the most urgent queued task
-/// wins, and within it the group's fair pick applies.
-#[inline]
-fn pick(
-    shared: &Shared,
-    slot: &AgentSlot,
-    limits: &crate::priority::PerPriority<u32>,
-) -> Option<QueuedTask> {
-    loop {
-        let mut best: Option<(usize, usize)> = None;
-        for (gi, g) in slot.groups.iter().enumerate() {
-            if let Some(level) = g.first_nonempty() {
-                if best.is_none_or(|(b, _)| level < b) {
-                    best = Some((level, gi));
-                }
-                if level == 0 {
-                    break;
-                }
-            }
-        }
-        let (_, gi) = best?;
-        if let Some(task) = slot.groups[gi].pop(limits) {
-            shared.admission.level(task.priority).release();
-            return Some(task);
-        }
+        slot.signal().parked().await;
     }
 }
 
@@ -229,7 +185,7 @@ enum Ran<T> {
 async fn run_task<A: Agent>(
     agent: &mut A,
     ctx: &AgentContext,
-    shared: &Shared,
+    core: &Core,
     slot: &AgentSlot,
     task: QueuedTask,
     incarnation: u64,
@@ -237,18 +193,19 @@ async fn run_task<A: Agent>(
     let now = Instant::now();
     let p = task.priority;
     let enqueued_at = task.enqueued_at;
-    shared.telemetry.queue_wait[p].record(nanos_between(enqueued_at, now));
-    if shared.is_cancelling() {
-        shared.finish(task, Outcome::Cancelled);
+    let ledger = core.ledger();
+    ledger.started(&task, ctx.id(), now);
+    if core.phase().is_cancelling() {
+        ledger.finish(task, Outcome::Cancelled);
         return None;
     }
     let mut limit = task
         .timeout
-        .or(shared.config.tasks.default_timeout)
+        .or(core.config().tasks.default_timeout)
         .map(|t| now + t);
     if let Some(deadline) = task.deadline {
         if deadline <= now {
-            shared.finish(task, Outcome::Timeout);
+            ledger.finish(task, Outcome::Timeout);
             return None;
         }
         limit = Some(limit.map_or(deadline, |l| l.min(deadline)));
@@ -261,23 +218,20 @@ async fn run_task<A: Agent>(
     };
     // Publish the deadline and the task so the liveness watchdog can answer it if this thread
     // gets stuck in a handler that never yields.
-    if let Some(limit) = limit {
-        slot.deadline_ms
-            .store(shared.ms_at(limit).max(1), Ordering::Release);
-    }
-    slot.in_flight.put(task, incarnation);
+    let deadline_ms = limit.map_or(0, |l| core.pool().ms_at(l).max(1));
+    slot.begin_task(task, incarnation, deadline_ms);
     let span = tracing::debug_span!(
         "troupe.task",
         task.id = request.id.0,
         priority = p.as_str(),
         attempt = request.attempt,
-        queue_wait_us = nanos_between(enqueued_at, now) / 1_000,
+        queue_wait_us = crate::telemetry::nanos_between(enqueued_at, now) / 1_000,
         outcome = tracing::field::Empty
     );
     let span_handle = span.clone();
     let ran = {
         let handler = AssertUnwindSafe(agent.handle(request, ctx).instrument(span)).catch_unwind();
-        let cancel = CancelSignal { shared, slot };
+        let cancel = CancelSignal { core, slot };
         match limit {
             Some(limit) => {
                 tokio::select! {
@@ -296,14 +250,13 @@ async fn run_task<A: Agent>(
             }
         }
     };
-    shared.telemetry.handler[p].record(elapsed_ns(now));
-    let Some(task) = slot.in_flight.take_own(incarnation) else {
+    ledger.handled(p, now);
+    let Some(task) = slot.end_task(incarnation) else {
         // The watchdog answered the task (timeout) and replaced this incarnation.
         return Some(ExitReason::Unresponsive(
             "its task overran the deadline while the handler blocked its thread".into(),
         ));
     };
-    slot.deadline_ms.store(0, Ordering::Release);
     let kind = match &ran {
         Ran::Done(Ok(Ok(_))) => "ok",
         Ran::Done(Ok(Err(_))) => "error",
@@ -313,15 +266,15 @@ async fn run_task<A: Agent>(
     };
     span_handle.record("outcome", kind);
     match ran {
-        Ran::Done(Ok(Ok(output))) => shared.finish(task, Outcome::Ok(output)),
-        Ran::Done(Ok(Err(e))) => shared.retry_or_finish(task, Outcome::Error(e)),
+        Ran::Done(Ok(Ok(output))) => ledger.finish(task, Outcome::Ok(output)),
+        Ran::Done(Ok(Err(e))) => core.retry_or_finish(task, Outcome::Error(e)),
         Ran::Done(Err(p)) => {
             let msg = panic_message(p.as_ref());
-            shared.retry_or_finish(task, Outcome::Panic(msg.clone()));
+            core.retry_or_finish(task, Outcome::Panic(msg.clone()));
             return Some(ExitReason::Panicked(msg));
         }
-        Ran::TimedOut => shared.retry_or_finish(task, Outcome::Timeout),
-        Ran::Cancelled => shared.finish(task, Outcome::Cancelled),
+        Ran::TimedOut => core.retry_or_finish(task, Outcome::Timeout),
+        Ran::Cancelled => ledger.finish(task, Outcome::Cancelled),
     }
     None
 }
@@ -329,7 +282,7 @@ async fn run_task<A: Agent>(
 /// Ready once shutdown enters its cancel phase, or the supervisor kills this agent after a stop
 /// timeout; both wake the agent to notice.
 struct CancelSignal<'a> {
-    shared: &'a Shared,
+    core: &'a Core,
     slot: &'a AgentSlot,
 }
 
@@ -337,13 +290,11 @@ impl Future for CancelSignal<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let cancelled = || {
-            self.shared.is_cancelling() || self.slot.kill.load(std::sync::atomic::Ordering::Acquire)
-        };
+        let cancelled = || self.core.phase().is_cancelling() || self.slot.killed();
         if cancelled() {
             return Poll::Ready(());
         }
-        self.slot.signal.register(cx);
+        self.slot.signal().register(cx);
         if cancelled() {
             Poll::Ready(())
         } else {
@@ -352,22 +303,70 @@ impl Future for CancelSignal<'_> {
     }
 }
 
-pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
+/// Runs sandbox jobs on one agent instance of a lane, rebuilding it after a panic. `runtime`
+/// is the runtime being built when the spawn function was made; once it is gone, so is the lane.
+pub(crate) async fn run_lane_instance<F: AgentFactory>(
+    factory: Arc<F>,
+    runtime: Weak<Core>,
+    w: LaneJobs,
+) {
+    let Some(core) = runtime.upgrade() else {
+        return;
+    };
+    let ctx = AgentContext::for_lane(RuntimeHandle::new(core), w.id, w.kind.clone(), w.lane);
+    let spec = AgentSpec {
+        id: w.id,
+        kind: w.kind.clone(),
+        tier: Arc::from("sandbox"),
+        capabilities: Arc::from(vec![w.kind.clone()]),
+        params: w.params.clone(),
+        restarts: 0,
+    };
+    let mut agent: Option<F::Agent> = None;
+    while let Some(job) = w.next().await {
+        let (request, timeout, reply) = job.into_parts();
+        if agent.is_none() {
+            match build_for_lane(&*factory, &spec, &ctx).await {
+                Ok(a) => agent = Some(a),
+                Err(e) => {
+                    let _ = reply.send(LaneResult::Unavailable(e));
+                    continue;
+                }
+            }
+        }
+        let Some(a) = agent.as_mut() else { continue };
+        let ran = tokio::time::timeout(
+            timeout,
+            AssertUnwindSafe(a.handle(request, &ctx)).catch_unwind(),
+        )
+        .await;
+        let result = match ran {
+            Err(_) => LaneResult::Timeout,
+            Ok(Ok(Ok(out))) => LaneResult::Ok(out),
+            Ok(Ok(Err(e))) => LaneResult::Error(e.to_string()),
+            Ok(Err(p)) => {
+                agent = None;
+                LaneResult::Panic(panic_message(p.as_ref()))
+            }
+        };
+        let _ = reply.send(result);
+        if w.replaced() {
+            break;
+        }
     }
 }
 
-#[inline]
-pub(crate) fn elapsed_ns(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-#[inline]
-pub(crate) fn nanos_between(a: Instant, b: Instant) -> u64 {
-    u64::try_from(b.saturating_duration_since(a).as_nanos()).unwrap_or(u64::MAX)
+async fn build_for_lane<F: AgentFactory>(
+    factory: &F,
+    spec: &AgentSpec,
+    ctx: &AgentContext,
+) -> Result<F::Agent, String> {
+    let mut agent = std::panic::catch_unwind(AssertUnwindSafe(|| factory.build(spec)))
+        .map_err(|p| format!("factory panicked: {}", panic_message(p.as_ref())))?
+        .map_err(|e| format!("factory failed: {e}"))?;
+    match AssertUnwindSafe(agent.on_start(ctx)).catch_unwind().await {
+        Ok(Ok(())) => Ok(agent),
+        Ok(Err(e)) => Err(format!("on_start failed: {e}")),
+        Err(p) => Err(format!("on_start panicked: {}", panic_message(p.as_ref()))),
+    }
 }

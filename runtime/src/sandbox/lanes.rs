@@ -4,134 +4,40 @@
 //! dedicated threads (one per lane, each with its own current-thread Tokio executor); process
 //! lanes from worker-slot tasks that each own a child process. The unifier for a task runs on
 //! the main runtime, so a lane that wedges its thread cannot stop the vote.
+//!
+//! [`Sandbox`] owns all of it and answers sandboxed tasks itself: it releases their admission
+//! slot and ends them through the ledger. How an agent instance runs jobs on a thread lane is
+//! not known here: the runtime hands in one [`LaneSpawnFn`] per kind.
 
-use std::collections::{HashMap, HashSet};
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::vote::{Ballot, Comparator, Decision, VoteResult};
-use super::{Lane, LaneMode, LaneResult, Policies, SandboxConfig, SandboxError, Verdict};
-use crate::agent::{Agent, AgentContext, AgentFactory, AgentId, AgentSpec};
+use super::jobs::{Job, KindLanes, LaneJobs, LaneSpawnFn};
+use super::model::{
+    Comparator, Lane, LaneMode, LaneResult, LaneStats, Policies, SandboxConfig, SandboxError,
+    SandboxStats, Verdict,
+};
+use super::process::Census;
+use super::vote::{Ballot, Decision, VoteResult};
+use crate::admission::Admission;
+use crate::ids::{AgentId, TaskId};
+use crate::ledger::Ledger;
 use crate::priority::Priority;
-use crate::runtime::Shared;
-use crate::task::{Outcome, QueuedTask, TaskError, TaskId, TaskRequest};
+use crate::task::{Outcome, OutcomeKind, QueuedTask, Target, TaskError};
 use crate::telemetry::StripedCounter;
-use crate::worker::panic_message;
-
-/// One job for one lane.
-pub(crate) struct Job {
-    pub(crate) task: TaskId,
-    pub(crate) priority: Priority,
-    pub(crate) payload: Bytes,
-    pub(crate) timeout: Duration,
-    pub(crate) reply: oneshot::Sender<LaneResult>,
-}
-
-/// Everything a lane worker loop needs; the factory comes from the kind's registration.
-pub(crate) struct LaneWorker {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) kind: Arc<str>,
-    pub(crate) lane: Lane,
-    pub(crate) id: AgentId,
-    pub(crate) params: Arc<toml::Table>,
-    pub(crate) jobs: async_channel::Receiver<Job>,
-    /// The worker leaves after its current job when this differs from `my_generation`.
-    pub(crate) generation: Arc<AtomicU64>,
-    pub(crate) my_generation: u64,
-}
-
-pub(crate) type LaneSpawnFn = Arc<dyn Fn(LaneWorker) -> BoxFuture<'static, ()> + Send + Sync>;
-
-/// Runs jobs on one agent instance, rebuilding it after a panic.
-pub(crate) async fn lane_worker<F: AgentFactory>(factory: Arc<F>, w: LaneWorker) {
-    let ctx = AgentContext::for_lane(w.shared.clone(), w.id, w.kind.clone(), w.lane);
-    let spec = AgentSpec {
-        id: w.id,
-        kind: w.kind.clone(),
-        tier: Arc::from("sandbox"),
-        capabilities: Arc::from(vec![w.kind.clone()]),
-        params: w.params.clone(),
-        restarts: 0,
-    };
-    let mut agent: Option<F::Agent> = None;
-    while let Ok(job) = w.jobs.recv().await {
-        if agent.is_none() {
-            match build(&*factory, &spec, &ctx).await {
-                Ok(a) => agent = Some(a),
-                Err(e) => {
-                    let _ = job.reply.send(LaneResult::Unavailable(e));
-                    continue;
-                }
-            }
-        }
-        let Some(a) = agent.as_mut() else { continue };
-        let request = TaskRequest {
-            id: job.task,
-            priority: job.priority,
-            payload: job.payload,
-            attempt: 1,
-        };
-        let ran = tokio::time::timeout(
-            job.timeout,
-            AssertUnwindSafe(a.handle(request, &ctx)).catch_unwind(),
-        )
-        .await;
-        let result = match ran {
-            Err(_) => LaneResult::Timeout,
-            Ok(Ok(Ok(out))) => LaneResult::Ok(out),
-            Ok(Ok(Err(e))) => LaneResult::Error(e.to_string()),
-            Ok(Err(p)) => {
-                agent = None;
-                LaneResult::Panic(panic_message(p.as_ref()))
-            }
-        };
-        let _ = job.reply.send(result);
-        if w.generation.load(Ordering::Acquire) != w.my_generation {
-            break;
-        }
-    }
-}
-
-async fn build<F: AgentFactory>(
-    factory: &F,
-    spec: &AgentSpec,
-    ctx: &AgentContext,
-) -> Result<F::Agent, String> {
-    let mut agent = std::panic::catch_unwind(AssertUnwindSafe(|| factory.build(spec)))
-        .map_err(|p| format!("factory panicked: {}", panic_message(p.as_ref())))?
-        .map_err(|e| format!("factory failed: {e}"))?;
-    match AssertUnwindSafe(agent.on_start(ctx)).catch_unwind().await {
-        Ok(Ok(())) => Ok(agent),
-        Ok(Err(e)) => Err(format!("on_start failed: {e}")),
-        Err(p) => Err(format!("on_start panicked: {}", panic_message(p.as_ref()))),
-    }
-}
-
-/// One sandbox kind's channels and judging policy.
-pub(crate) struct KindLanes {
-    pub(crate) kind: Arc<str>,
-    pub(crate) mode: LaneMode,
-    pub(crate) instances: usize,
-    senders: [async_channel::Sender<Job>; 3],
-    pub(crate) receivers: [async_channel::Receiver<Job>; 3],
-    comparator: Arc<Comparator>,
-    fallback: Option<Arc<super::Fallback>>,
-}
 
 /// Counters of the sandbox, resolved once.
 #[derive(Default)]
-pub(crate) struct SandboxTelemetry {
-    pub(crate) executions: [[StripedCounter; 6]; 3],
-    pub(crate) votes: [StripedCounter; 3],
-    pub(crate) dissent: [StripedCounter; 3],
+struct SandboxTelemetry {
+    executions: [[StripedCounter; 6]; 3],
+    votes: [StripedCounter; 3],
+    dissent: [StripedCounter; 3],
 }
 
 /// Liveness of one lane's thread.
@@ -142,49 +48,48 @@ struct LaneThread {
     handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
+/// The tri-sandbox: lanes, their executors, and the counters of its votes.
 pub(crate) struct Sandbox {
-    pub(crate) config: SandboxConfig,
-    pub(crate) kinds: HashMap<String, Arc<KindLanes>>,
+    config: SandboxConfig,
+    kinds: HashMap<String, Arc<KindLanes>>,
     threads: [LaneThread; 3],
     epoch: Instant,
-    pub(crate) telemetry: SandboxTelemetry,
-    pub(crate) cancel: CancellationToken,
-    /// Worker processes alive now, per lane.
-    pub(crate) live_workers: [AtomicUsize; 3],
-    /// Pids of live worker processes.
-    pub(crate) pids: Mutex<HashSet<u32>>,
+    telemetry: SandboxTelemetry,
+    cancel: CancellationToken,
+    /// Worker processes alive now.
+    census: Arc<Census>,
     slots: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     started: AtomicBool,
+    admission: Arc<Admission>,
+    ledger: Arc<Ledger>,
+    /// How an agent instance of each kind runs on a thread lane.
+    lane_spawners: HashMap<String, LaneSpawnFn>,
+    /// Parameters per kind, from the config's agent groups.
+    params: HashMap<String, Arc<toml::Table>>,
+    /// The Tokio runtime the pool runs on: unifiers are spawned there, whatever thread
+    /// dispatches.
+    rt: tokio::runtime::Handle,
 }
 
 const TICK: Duration = Duration::from_millis(10);
 
 impl Sandbox {
-    pub(crate) fn new(config: SandboxConfig, policies: &Policies) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: SandboxConfig,
+        policies: &Policies,
+        admission: Arc<Admission>,
+        ledger: Arc<Ledger>,
+        lane_spawners: HashMap<String, LaneSpawnFn>,
+        params: HashMap<String, Arc<toml::Table>>,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
         let kinds = config
             .kinds
             .iter()
             .map(|k| {
-                // Unbounded by type, bounded in fact: a lane queue holds at most one job per
-                // admitted sandboxed task, and admission caps those per priority. (A bounded
-                // channel would allocate its whole capacity up front: ~20 MB per kind.)
-                let channels: [(async_channel::Sender<Job>, async_channel::Receiver<Job>); 3] =
-                    std::array::from_fn(|_| async_channel::unbounded());
-                let [(s0, r0), (s1, r1), (s2, r2)] = channels;
                 let policy = policies.get(&k.kind).cloned().unwrap_or_default();
-                let comparator: Arc<Comparator> = policy
-                    .comparator
-                    .unwrap_or_else(|| Arc::new(|a: &Bytes, b: &Bytes| a == b));
-                let lanes = KindLanes {
-                    kind: Arc::from(k.kind.as_str()),
-                    mode: k.lanes,
-                    instances: k.instances,
-                    senders: [s0, s1, s2],
-                    receivers: [r0, r1, r2],
-                    comparator,
-                    fallback: policy.fallback,
-                };
-                (k.kind.clone(), Arc::new(lanes))
+                (k.kind.clone(), Arc::new(KindLanes::new(k, policy)))
             })
             .collect();
         Sandbox {
@@ -198,10 +103,95 @@ impl Sandbox {
             epoch: Instant::now(),
             telemetry: SandboxTelemetry::default(),
             cancel: CancellationToken::new(),
-            live_workers: Default::default(),
-            pids: Mutex::new(HashSet::new()),
+            census: Arc::default(),
             slots: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
+            admission,
+            ledger,
+            lane_spawners,
+            params,
+            rt,
+        }
+    }
+
+    /// The lanes of `target`'s kind, if it is a sandbox kind.
+    pub(crate) fn lanes_for(&self, target: &Target) -> Option<Arc<KindLanes>> {
+        match target {
+            Target::Capability(c) => self.kinds.get(&**c).cloned(),
+            Target::Agent(_) => None,
+        }
+    }
+
+    /// How long each lane may take on a task with this timeout and deadline.
+    pub(crate) fn lane_timeout(
+        &self,
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Duration {
+        let mut t = timeout.unwrap_or(self.config.lane_timeout);
+        if let Some(d) = deadline {
+            t = t.min(d.saturating_duration_since(Instant::now()));
+        }
+        t.max(Duration::from_millis(1))
+    }
+
+    /// How an instance of `kind` runs on a lane (the worker process side uses it too).
+    pub(crate) fn lane_spawner(&self, kind: &str) -> Option<&LaneSpawnFn> {
+        self.lane_spawners.get(kind)
+    }
+
+    /// Kinds that can run on lanes, sorted.
+    pub(crate) fn lane_kinds(&self) -> Vec<String> {
+        let mut kinds: Vec<String> = self.lane_spawners.keys().cloned().collect();
+        kinds.sort();
+        kinds
+    }
+
+    /// Parameters of `kind`'s agents.
+    pub(crate) fn params_of(&self, kind: &str) -> Arc<toml::Table> {
+        self.params.get(kind).cloned().unwrap_or_default()
+    }
+
+    /// Pids of the worker processes alive now, sorted.
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
+        self.census.pids()
+    }
+
+    /// Executions of `lane` by result label index.
+    pub(crate) fn executions(&self, lane: Lane, label: usize) -> u64 {
+        self.telemetry.executions[lane.index()][label].get()
+    }
+
+    /// Votes by result (unanimous, majority, no quorum).
+    pub(crate) fn votes(&self, result: usize) -> u64 {
+        self.telemetry.votes[result].get()
+    }
+
+    /// Totals since start.
+    pub(crate) fn stats(&self) -> SandboxStats {
+        let t = &self.telemetry;
+        let available = self.lanes_available();
+        SandboxStats {
+            lanes: Lane::ALL
+                .iter()
+                .map(|&lane| {
+                    let i = lane.index();
+                    LaneStats {
+                        lane,
+                        executions: LaneResult::LABELS
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &label)| (label, t.executions[i][k].get()))
+                            .collect(),
+                        dissent: t.dissent[i].get(),
+                        available: available[i].0,
+                        total: available[i].1,
+                    }
+                })
+                .collect(),
+            unanimous: t.votes[0].get(),
+            majority: t.votes[1].get(),
+            no_quorum: t.votes[2].get(),
         }
     }
 
@@ -214,17 +204,17 @@ impl Sandbox {
     }
 
     /// Starts lane threads and process worker slots.
-    pub(crate) fn start(shared: &Arc<Shared>) -> std::io::Result<()> {
-        let sb = &shared.sandbox;
+    pub(crate) fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        let sb = self;
         if sb.started.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         if sb.has_thread_kinds() {
             for lane in Lane::ALL {
-                spawn_lane_thread(shared.clone(), lane)?;
+                spawn_lane_thread(self.clone(), lane)?;
             }
         }
-        let mut slots = sb.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = lock(&sb.slots);
         for k in sb.kinds.values().filter(|k| k.mode == LaneMode::Process) {
             let command = sb
                 .config
@@ -235,7 +225,7 @@ impl Sandbox {
             for lane in Lane::ALL {
                 for _ in 0..k.instances {
                     slots.push(tokio::spawn(super::process::slot(
-                        shared.clone(),
+                        self.census.clone(),
                         k.clone(),
                         lane,
                         command.clone(),
@@ -271,15 +261,15 @@ impl Sandbox {
                     0
                 };
             (
-                threads_up + self.live_workers[i].load(Ordering::Acquire),
+                threads_up + self.census.live(Lane::ALL[i]),
                 thread_total + process_total,
             )
         })
     }
 
     /// Replaces lane `lane`'s thread if its executor has not ticked for `stale`.
-    fn replace_if_stuck(shared: &Arc<Shared>, lane: Lane, stale: Duration) {
-        let sb = &shared.sandbox;
+    fn replace_if_stuck(self: &Arc<Self>, lane: Lane, stale: Duration) {
+        let sb = self;
         if sb.cancel.is_cancelled() || !sb.has_thread_kinds() {
             return;
         }
@@ -298,9 +288,14 @@ impl Sandbox {
         }
         tracing::error!(lane = %lane, stalled_ms = age, "sandbox lane thread is stuck; starting a replacement");
         t.generation.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = spawn_lane_thread(shared.clone(), lane) {
+        if let Err(e) = spawn_lane_thread(self.clone(), lane) {
             tracing::error!(lane = %lane, error = %e, "could not start a replacement lane thread");
         }
+    }
+
+    /// Cancels pending votes (shutdown's cancel phase): each answers `cancelled`.
+    pub(crate) fn cancel_pending(&self) {
+        self.cancel.cancel();
     }
 
     /// Stops the lanes: cancels pending votes, closes job channels, ends workers and threads.
@@ -311,14 +306,12 @@ impl Sandbox {
                 s.close();
             }
         }
-        let slots: Vec<_> =
-            std::mem::take(&mut *self.slots.lock().unwrap_or_else(|p| p.into_inner()));
+        let slots: Vec<_> = std::mem::take(&mut *lock(&self.slots));
         for slot in slots {
             let _ = tokio::time::timeout(Duration::from_secs(5), slot).await;
         }
         for t in &self.threads {
-            let handles: Vec<_> =
-                std::mem::take(&mut *t.handles.lock().unwrap_or_else(|p| p.into_inner()));
+            let handles: Vec<_> = std::mem::take(&mut *lock(&t.handles));
             for h in handles {
                 // A stuck (abandoned) thread may never finish; do not wait on it forever.
                 let deadline = Instant::now() + Duration::from_secs(1);
@@ -333,13 +326,16 @@ impl Sandbox {
     }
 }
 
-fn spawn_lane_thread(shared: Arc<Shared>, lane: Lane) -> std::io::Result<()> {
-    let sb = &shared.sandbox;
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn spawn_lane_thread(sb: Arc<Sandbox>, lane: Lane) -> std::io::Result<()> {
     let t = &sb.threads[lane.index()];
     let generation = t.generation.clone();
     let my_generation = generation.load(Ordering::Acquire);
     t.heartbeat.store(sb.now_ms(), Ordering::Release);
-    let shared2 = shared.clone();
+    let sb2 = sb.clone();
     let handle = std::thread::Builder::new()
         .name(format!("troupe-lane-{lane}"))
         .spawn(move || {
@@ -353,38 +349,33 @@ fn spawn_lane_thread(shared: Arc<Shared>, lane: Lane) -> std::io::Result<()> {
                     return;
                 }
             };
-            rt.block_on(run_lane(shared2, lane, generation, my_generation));
+            rt.block_on(run_lane(sb2, lane, generation, my_generation));
         })?;
-    t.handles
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(handle);
+    lock(&t.handles).push(handle);
     Ok(())
 }
 
-async fn run_lane(shared: Arc<Shared>, lane: Lane, generation: Arc<AtomicU64>, my_generation: u64) {
-    let sb = &shared.sandbox;
+async fn run_lane(sb: Arc<Sandbox>, lane: Lane, generation: Arc<AtomicU64>, my_generation: u64) {
     let mut workers = tokio::task::JoinSet::new();
     let mut next_id = 0u32;
     for k in sb.kinds.values().filter(|k| k.mode == LaneMode::Threads) {
-        let Some(spawn) = shared.lane_spawners.get(&*k.kind) else {
+        let Some(spawn) = sb.lane_spawners.get(&*k.kind) else {
             continue;
         };
-        let params = shared.params_of(&k.kind);
+        let params = sb.params_of(&k.kind);
         for _ in 0..k.instances {
             // Lane instances are not pool members: their ids count down from the top.
             next_id += 1;
             let id = AgentId(u32::MAX - (lane.index() as u32) * 65_536 - next_id);
-            workers.spawn(spawn(LaneWorker {
-                shared: shared.clone(),
-                kind: k.kind.clone(),
+            workers.spawn(spawn(LaneJobs::new(
+                k.kind.clone(),
                 lane,
                 id,
-                params: params.clone(),
-                jobs: k.receivers[lane.index()].clone(),
-                generation: generation.clone(),
+                params.clone(),
+                k.receivers[lane.index()].clone(),
+                generation.clone(),
                 my_generation,
-            }));
+            )));
         }
     }
     let heartbeat = &sb.threads[lane.index()].heartbeat;
@@ -418,6 +409,7 @@ pub(crate) enum Responder {
     Task(QueuedTask),
     /// `run_sandboxed`: answers with a `Verdict` or a `SandboxError`.
     Direct {
+        id: TaskId,
         priority: Priority,
         submitted_at: Instant,
         reply: oneshot::Sender<Result<Verdict, SandboxError>>,
@@ -432,8 +424,8 @@ impl Responder {
         }
     }
 
-    fn answer(self, shared: &Shared, answer: Result<Verdict, SandboxError>) {
-        shared.admission.level(self.priority()).release();
+    fn answer(self, sb: &Sandbox, answer: Result<Verdict, SandboxError>) {
+        sb.admission.release(self.priority());
         match self {
             Responder::Task(task) => {
                 let outcome = match answer {
@@ -441,77 +433,77 @@ impl Responder {
                     Err(SandboxError::Cancelled) => Outcome::Cancelled,
                     Err(e) => Outcome::Error(TaskError::new(e.to_string())),
                 };
-                shared.finish(task, outcome);
+                sb.ledger.finish(task, outcome);
             }
             Responder::Direct {
+                id,
                 priority,
                 submitted_at,
                 reply,
             } => {
                 // Counted like a task, so the outcome counters and latency cover every run.
                 let kind = match &answer {
-                    Ok(_) => crate::task::OutcomeKind::Ok,
-                    Err(SandboxError::Cancelled) => crate::task::OutcomeKind::Cancelled,
-                    Err(_) => crate::task::OutcomeKind::Error,
+                    Ok(_) => OutcomeKind::Ok,
+                    Err(SandboxError::Cancelled) => OutcomeKind::Cancelled,
+                    Err(_) => OutcomeKind::Error,
                 };
-                let t = &shared.telemetry;
-                t.completed[priority][kind.index()].increment(1);
-                t.latency[priority].record(crate::worker::elapsed_ns(submitted_at));
+                sb.ledger.finish_direct(id, priority, kind, submitted_at);
                 let _ = reply.send(answer);
             }
         }
     }
 }
 
-/// Sends the job to all three lanes and runs the vote. The admission slot of the task is held
-/// until the answer, so in-flight sandboxed work stays within the queue bounds.
-pub(crate) fn dispatch(
-    shared: &Arc<Shared>,
-    lanes: Arc<KindLanes>,
-    id: TaskId,
-    payload: Bytes,
-    timeout: Duration,
-    responder: Responder,
-) {
-    let priority = responder.priority();
-    let mut receivers: [Option<oneshot::Receiver<LaneResult>>; 3] = [None, None, None];
-    let mut immediate: Vec<(Lane, LaneResult)> = Vec::new();
-    for lane in Lane::ALL {
-        let (tx, rx) = oneshot::channel();
-        let job = Job {
-            task: id,
-            priority,
-            payload: payload.clone(),
-            timeout,
-            reply: tx,
-        };
-        match lanes.senders[lane.index()].try_send(job) {
-            Ok(()) => receivers[lane.index()] = Some(rx),
-            Err(e) => {
-                let why = if e.is_closed() {
-                    "lane is shut down"
-                } else {
-                    "lane job queue is full"
-                };
-                immediate.push((lane, LaneResult::Unavailable(why.into())));
+impl Sandbox {
+    /// Sends the job to all three lanes and runs the vote. The admission slot of the task is held
+    /// until the answer, so in-flight sandboxed work stays within the queue bounds.
+    pub(crate) fn dispatch(
+        self: &Arc<Self>,
+        lanes: Arc<KindLanes>,
+        id: TaskId,
+        payload: Bytes,
+        timeout: Duration,
+        responder: Responder,
+    ) {
+        let priority = responder.priority();
+        let mut receivers: [Option<oneshot::Receiver<LaneResult>>; 3] = [None, None, None];
+        let mut immediate: Vec<(Lane, LaneResult)> = Vec::new();
+        for lane in Lane::ALL {
+            let (tx, rx) = oneshot::channel();
+            let job = Job {
+                task: id,
+                priority,
+                payload: payload.clone(),
+                timeout,
+                reply: tx,
+            };
+            match lanes.senders[lane.index()].try_send(job) {
+                Ok(()) => receivers[lane.index()] = Some(rx),
+                Err(e) => {
+                    let why = if e.is_closed() {
+                        "lane is shut down"
+                    } else {
+                        "lane job queue is full"
+                    };
+                    immediate.push((lane, LaneResult::Unavailable(why.into())));
+                }
             }
         }
+        let sb = self.clone();
+        self.rt.spawn(async move {
+            unify(sb, lanes, receivers, immediate, timeout, responder).await;
+        });
     }
-    let shared = shared.clone();
-    shared.rt.clone().spawn(async move {
-        unify(shared, lanes, receivers, immediate, timeout, responder).await;
-    });
 }
 
 async fn unify(
-    shared: Arc<Shared>,
+    sb: Arc<Sandbox>,
     lanes: Arc<KindLanes>,
     mut receivers: [Option<oneshot::Receiver<LaneResult>>; 3],
     immediate: Vec<(Lane, LaneResult)>,
     timeout: Duration,
     responder: Responder,
 ) {
-    let sb = &shared.sandbox;
     let eq: &Comparator = &*lanes.comparator;
     let mut ballot = Ballot::default();
     let mut responder = Some(responder);
@@ -535,7 +527,7 @@ async fn unify(
                     Decision::NoQuorum => return,
                 };
                 if let Some(r) = responder.take() {
-                    r.answer(&shared, answer);
+                    r.answer(&sb, answer);
                 }
             }
         };
@@ -567,14 +559,14 @@ async fn unify(
                     .filter(|l| [&ra, &rb, &rc][l.index()].is_some())
                     .collect();
                 for lane in missing {
-                    Sandbox::replace_if_stuck(&shared, lane, timeout);
+                    sb.replace_if_stuck(lane, timeout);
                     settle(&mut ballot, lane, LaneResult::Timeout, &mut responder);
                 }
                 let _ = ballot.time_out_missing();
             }
             _ = sb.cancel.cancelled(), if responder.is_some() => {
                 if let Some(r) = responder.take() {
-                    r.answer(&shared, Err(SandboxError::Cancelled));
+                    r.answer(&sb, Err(SandboxError::Cancelled));
                 }
                 return;
             }
@@ -583,7 +575,7 @@ async fn unify(
     if let Some(r) = responder.take() {
         // Every lane has answered and no two agreed.
         let answer = no_quorum(&lanes, &ballot);
-        r.answer(&shared, answer);
+        r.answer(&sb, answer);
     }
     let (result, dissent) = ballot.tally(eq);
     let vote_index = match result {

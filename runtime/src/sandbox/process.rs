@@ -6,17 +6,52 @@
 //! Children are killed when their slot ends, and `kill_on_drop` covers a slot that is dropped,
 //! so no worker outlives the runtime.
 
+use std::collections::HashSet;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use super::lanes::{Job, KindLanes};
+use super::jobs::{Job, KindLanes};
+use super::model::{Lane, LaneResult};
 use super::wire::{self, Frame, JobResult, Run};
-use super::{Lane, LaneResult};
-use crate::runtime::Shared;
+
+/// The worker processes alive now, per lane, with their pids.
+#[derive(Default)]
+pub(crate) struct Census {
+    live: [AtomicUsize; 3],
+    pids: Mutex<HashSet<u32>>,
+}
+
+impl Census {
+    fn worker_started(&self, lane: Lane, pid: u32) {
+        self.live[lane.index()].fetch_add(1, Ordering::AcqRel);
+        lock(&self.pids).insert(pid);
+    }
+
+    fn worker_ended(&self, lane: Lane, pid: u32) {
+        self.live[lane.index()].fetch_sub(1, Ordering::AcqRel);
+        lock(&self.pids).remove(&pid);
+    }
+
+    /// Workers alive on `lane`.
+    pub(crate) fn live(&self, lane: Lane) -> usize {
+        self.live[lane.index()].load(Ordering::Acquire)
+    }
+
+    /// Pids alive now, sorted.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = lock(&self.pids).iter().copied().collect();
+        pids.sort_unstable();
+        pids
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 struct Worker {
     child: Child,
@@ -65,13 +100,7 @@ async fn spawn_worker(command: &[String], kind: &str) -> Result<Worker, String> 
 }
 
 /// Serves jobs of `lanes` on `lane` with one child process at a time.
-pub(crate) async fn slot(
-    shared: Arc<Shared>,
-    lanes: Arc<KindLanes>,
-    lane: Lane,
-    command: Vec<String>,
-) {
-    let sb = &shared.sandbox;
+pub(crate) async fn slot(sb: Arc<Census>, lanes: Arc<KindLanes>, lane: Lane, command: Vec<String>) {
     let jobs = lanes.receivers[lane.index()].clone();
     let mut worker: Option<Worker> = None;
     let mut job_no = 0u64;
@@ -79,11 +108,7 @@ pub(crate) async fn slot(
         if worker.is_none() {
             match spawn_worker(&command, &lanes.kind).await {
                 Ok(w) => {
-                    sb.live_workers[lane.index()].fetch_add(1, Ordering::AcqRel);
-                    sb.pids
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(w.pid);
+                    sb.worker_started(lane, w.pid);
                     worker = Some(w);
                 }
                 Err(e) => {
@@ -101,12 +126,12 @@ pub(crate) async fn slot(
         let _ = job.reply.send(result);
         if !keep {
             if let Some(w) = worker.take() {
-                retire(&shared, lane, w, false).await;
+                retire(&sb, lane, w, false).await;
             }
         }
     }
     if let Some(w) = worker.take() {
-        retire(&shared, lane, w, true).await;
+        retire(&sb, lane, w, true).await;
     }
 }
 
@@ -181,7 +206,7 @@ async fn exit_note(w: &mut Worker, what: &str) -> String {
 }
 
 /// Ends a worker: politely when `graceful` (a shutdown frame, a short wait), then by kill.
-async fn retire(shared: &Shared, lane: Lane, mut w: Worker, graceful: bool) {
+async fn retire(sb: &Census, lane: Lane, mut w: Worker, graceful: bool) {
     if graceful {
         let _ = wire::write_frame(&mut w.stdin, &Frame::Shutdown).await;
         if tokio::time::timeout(Duration::from_millis(500), w.child.wait())
@@ -194,10 +219,5 @@ async fn retire(shared: &Shared, lane: Lane, mut w: Worker, graceful: bool) {
         let _ = w.child.kill().await;
     }
     let _ = w.child.wait().await;
-    let sb = &shared.sandbox;
-    sb.live_workers[lane.index()].fetch_sub(1, Ordering::AcqRel);
-    sb.pids
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&w.pid);
+    sb.worker_ended(lane, w.pid);
 }

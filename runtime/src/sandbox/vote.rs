@@ -7,10 +7,7 @@
 
 use bytes::Bytes;
 
-use super::{Lane, LaneResult};
-
-/// Compares two lane outputs.
-pub type Comparator = dyn Fn(&Bytes, &Bytes) -> bool + Send + Sync;
+use super::model::{Comparator, Lane, LaneResult};
 
 /// What the ballot concluded, the first time it could.
 #[derive(Debug, Clone, PartialEq, Eq)]

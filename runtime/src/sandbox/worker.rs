@@ -1,5 +1,8 @@
 //! Process lanes, worker side: the loop a sandbox worker binary runs.
 //!
+//! It sits above the runtime (it starts one, so its agents get a full context), which is why
+//! the rest of the sandbox never imports this file; only the sandbox's public face re-exports it.
+//!
 //! A worker binary registers its agent kinds on a [`RuntimeBuilder`] (no tiers needed) and
 //! calls [`worker_main`]. It answers `Ready`, then runs one job per `Run` frame on an agent
 //! instance of the requested kind (built on first use, rebuilt after a panic) and answers
@@ -14,13 +17,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
-use super::lanes::{Job, LaneWorker};
+use super::jobs::{Job, LaneJobs};
+use super::model::{Lane, LaneResult};
 use super::wire::{self, Done, Frame, JobResult, Ready, WireError};
-use super::{Lane, LaneResult};
-use crate::agent::AgentId;
+use crate::ids::{AgentId, TaskId};
 use crate::priority::Priority;
 use crate::runtime::RuntimeBuilder;
-use crate::task::TaskId;
 
 static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -44,9 +46,8 @@ where
         .start()
         .await
         .map_err(|e| WireError::Io(format!("worker runtime did not start: {e}")))?;
-    let shared = runtime.handle().shared().clone();
-    let mut kinds: Vec<String> = shared.lane_spawners.keys().cloned().collect();
-    kinds.sort();
+    let sandbox = runtime.handle().sandbox();
+    let kinds = sandbox.lane_kinds();
     wire::write_frame(&mut output, &Frame::Ready(Ready { kinds })).await?;
 
     let mut lanes: HashMap<(String, u8), async_channel::Sender<Job>> = HashMap::new();
@@ -66,21 +67,20 @@ where
         let sender = match lanes.get(&key) {
             Some(s) => Some(s.clone()),
             None => match (
-                shared.lane_spawners.get(&run.kind),
+                sandbox.lane_spawner(&run.kind),
                 Lane::from_index(run.lane as usize),
             ) {
                 (Some(spawn), Some(lane)) => {
                     let (tx, rx) = async_channel::bounded(1);
-                    tokio::spawn(spawn(LaneWorker {
-                        shared: shared.clone(),
-                        kind: Arc::from(run.kind.as_str()),
+                    tokio::spawn(spawn(LaneJobs::new(
+                        Arc::from(run.kind.as_str()),
                         lane,
-                        id: AgentId(u32::MAX - run.lane as u32),
-                        params: shared.params_of(&run.kind),
-                        jobs: rx,
-                        generation: generation.clone(),
-                        my_generation: 0,
-                    }));
+                        AgentId(u32::MAX - run.lane as u32),
+                        sandbox.params_of(&run.kind),
+                        rx,
+                        generation.clone(),
+                        0,
+                    )));
                     lanes.insert(key, tx.clone());
                     Some(tx)
                 }

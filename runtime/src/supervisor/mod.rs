@@ -8,106 +8,307 @@
 //! restarts the tier while within its own intensity; past it, the tier stays down and the
 //! runtime reports not-ready, with the reason.
 //!
+//! [`Supervision`] owns that state (tiers, root, start-up bookkeeping) and offers the runtime a
+//! narrow API: start the tiers, wait for the first starts, stop everything, replace a stuck
+//! agent, report. It does not know how an agent is run: each child is started through a
+//! [`SpawnFn`] the runtime hands it, so supervision never imports the agent loop.
+//!
 //! Supervision is control-plane work: it uses an ordinary channel and a mutex for the root's
 //! bookkeeping, never anything on the task or message path.
 
+pub(crate) mod policy;
+mod watchdog;
+
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::agent::ExitReason;
-use crate::config::TierConfig;
-use crate::runtime::Shared;
-use crate::slot::AgentState;
-use crate::telemetry::LatencyHistogram;
-use crate::worker::{Start, panic_message};
+use crate::config::{IntensityConfig, TierConfig};
+use crate::ledger::Ledger;
+use crate::phase::Phase;
+use crate::pool::{AgentState, Pool};
+use crate::telemetry::{LatencyHistogram, LatencySummary};
+pub(crate) use policy::{ExitReason, Strategy};
+pub(crate) use watchdog::watchdog;
 
-/// What a supervisor restarts when a child exits and is to be restarted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
-    /// Only the child that exited.
-    #[default]
-    OneForOne,
-    /// Every child of the tier: the others are stopped, then all are started again in order.
-    OneForAll,
-    /// The child and every child started after it.
-    RestForOne,
+/// How an incarnation begins.
+pub(crate) struct Start {
+    pub(crate) index: u32,
+    /// The previous incarnation's exit, for a restart.
+    pub(crate) cause: Option<ExitReason>,
+    /// Backoff before building.
+    pub(crate) delay: Duration,
+    /// Fired once the agent has started (dropped unfired if it fails to).
+    pub(crate) started: Option<oneshot::Sender<()>>,
 }
 
-/// Which exits a child is restarted after.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RestartPolicy {
-    /// Always (the child should always run).
-    #[default]
-    Permanent,
-    /// Only after an abnormal exit (panic, failed start).
-    Transient,
-    /// Never.
-    Temporary,
+/// Runs one incarnation of an agent and returns why it ended.
+pub(crate) type SpawnFn = Arc<dyn Fn(Start) -> BoxFuture<'static, ExitReason> + Send + Sync>;
+
+/// Agents in each lifecycle state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AgentCounts {
+    /// Building or running `on_start`.
+    pub starting: usize,
+    /// Taking work.
+    pub running: usize,
+    /// Waiting to be rebuilt.
+    pub restarting: usize,
+    /// Down.
+    pub stopped: usize,
 }
 
-impl Strategy {
-    /// The config name (`one_for_one`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::OneForOne => "one_for_one",
-            Strategy::OneForAll => "one_for_all",
-            Strategy::RestForOne => "rest_for_one",
-        }
-    }
-}
-
-impl RestartPolicy {
-    /// The config name (`permanent`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RestartPolicy::Permanent => "permanent",
-            RestartPolicy::Transient => "transient",
-            RestartPolicy::Temporary => "temporary",
+impl AgentCounts {
+    fn add(&mut self, s: AgentState) {
+        match s {
+            AgentState::Starting => self.starting += 1,
+            AgentState::Running => self.running += 1,
+            AgentState::Restarting => self.restarting += 1,
+            AgentState::Stopped => self.stopped += 1,
         }
     }
 
-    fn restarts_after(self, reason: &ExitReason) -> bool {
-        match self {
-            RestartPolicy::Permanent => true,
-            RestartPolicy::Transient => reason.is_abnormal(),
-            RestartPolicy::Temporary => false,
-        }
+    /// Sum over all states.
+    pub fn total(&self) -> usize {
+        self.starting + self.running + self.restarting + self.stopped
     }
 }
 
-pub(crate) type SpawnFn =
-    Arc<dyn Fn(Arc<Shared>, Start) -> BoxFuture<'static, ExitReason> + Send + Sync>;
+/// One tier's supervision picture.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierHealth {
+    /// Tier name.
+    pub name: String,
+    /// Agents by state.
+    pub agents: AgentCounts,
+    /// Agents busy past their task's deadline (see `liveness.heartbeat`).
+    pub unhealthy: usize,
+    /// Restarts performed by the tier's supervisor (and by the root for this tier).
+    pub restarts: u64,
+    /// Times the tier exceeded its restart intensity.
+    pub escalations: u64,
+    /// True if the tier is down for good (the root gave up on it).
+    pub failed: bool,
+    /// Agent start-up time (build + hooks).
+    pub startup: LatencySummary,
+}
 
-/// Shared view of one tier, read by health and written by its supervisor.
-pub(crate) struct TierState {
-    pub(crate) config: TierConfig,
+/// The supervision tree's state, shared by the tier supervisors, the watchdog and the runtime.
+pub(crate) struct Supervision {
+    pool: Arc<Pool>,
+    ledger: Arc<Ledger>,
+    phase: Arc<Phase>,
+    tiers: Box<[TierState]>,
+    root: Mutex<RootState>,
+    root_limits: IntensityConfig,
+    stop_timeout: Duration,
+    heartbeat: Duration,
+    /// Agents whose first start has not finished yet; `starts_done` fires when it reaches 0.
+    pending_starts: AtomicUsize,
+    starts_done: Notify,
+    /// The first agent that failed its first start, and why.
+    start_failure: Mutex<Option<(u32, String)>>,
+}
+
+impl Supervision {
+    /// Supervision of `tiers` (with their children, agent indices in start order).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        pool: Arc<Pool>,
+        ledger: Arc<Ledger>,
+        phase: Arc<Phase>,
+        tiers: Vec<(TierConfig, Vec<u32>)>,
+        root_limits: IntensityConfig,
+        stop_timeout: Duration,
+        heartbeat: Duration,
+    ) -> Self {
+        let pending = pool.len();
+        Supervision {
+            pool,
+            ledger,
+            phase,
+            tiers: tiers
+                .into_iter()
+                .map(|(config, children)| TierState {
+                    config,
+                    children,
+                    restarts: AtomicU64::new(0),
+                    escalations: AtomicU64::new(0),
+                    failed: AtomicBool::new(false),
+                    startup: LatencyHistogram::default(),
+                    control: Mutex::new(None),
+                })
+                .collect(),
+            root: Mutex::new(RootState::default()),
+            root_limits,
+            stop_timeout,
+            heartbeat,
+            pending_starts: AtomicUsize::new(pending),
+            starts_done: Notify::new(),
+            start_failure: Mutex::new(None),
+        }
+    }
+
+    /// Starts the watchdog and every tier's supervisor, which start their children. `spawn`
+    /// gives the function that runs an incarnation of the agent at an index.
+    pub(crate) fn start(self: &Arc<Self>, spawn: impl Fn(u32) -> SpawnFn) {
+        tokio::spawn(watchdog(Arc::downgrade(self)));
+        for tier in 0..self.tiers.len() {
+            let spawners = self.tiers[tier]
+                .children
+                .iter()
+                .map(|&i| spawn(i))
+                .collect();
+            TierSupervisor::spawn(self.clone(), tier, spawners);
+        }
+    }
+
+    /// Waits until every agent's first start has finished; the first failure, if any.
+    pub(crate) async fn first_starts(&self) -> Option<(u32, String)> {
+        loop {
+            let notified = self.starts_done.notified();
+            if self.pending_starts.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            notified.await;
+        }
+        lock(&self.start_failure).take()
+    }
+
+    /// Counts one agent's first start as finished (`failure` says why it did not succeed).
+    pub(crate) fn first_start_finished(&self, index: u32, failure: Option<String>) {
+        if let Some(reason) = failure {
+            lock(&self.start_failure).get_or_insert((index, reason));
+        }
+        if self.pending_starts.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.starts_done.notify_one();
+        }
+    }
+
+    /// Records how long an agent of `tier` took to start.
+    pub(crate) fn record_startup(&self, tier: usize, nanos: u64) {
+        self.tiers[tier].startup.record(nanos);
+    }
+
+    /// Stops every tier, in reverse start order, each stopping its agents in reverse.
+    pub(crate) async fn stop_all(&self) {
+        for tier in self.tiers.iter().rev() {
+            let control = tier.control.lock().ok().and_then(|mut c| c.take());
+            if let Some(control) = control {
+                let (ack, done) = oneshot::channel();
+                if control.send(Control::Stop(ack)).is_ok() {
+                    let _ = done.await;
+                }
+            }
+        }
+    }
+
+    /// Asks the supervisor of agent `index` to treat it as crashed (it is stuck).
+    fn replace(&self, index: u32, reason: ExitReason) {
+        let tier = self.pool.slot(index).tier();
+        let control = self.tiers[tier].control.lock().ok().and_then(|c| c.clone());
+        if let Some(c) = control {
+            let _ = c.send(Control::Replace(index, reason));
+        }
+    }
+
+    fn root_allows_restart(&self, tier: usize, reason: &ExitReason) -> bool {
+        let name = &self.tiers[tier].config.name;
+        lock(&self.root).on_escalation(
+            name,
+            reason,
+            self.root_limits.max_restarts,
+            self.root_limits.period,
+        )
+    }
+
+    /// Why the root gave up on tiers, if it did.
+    pub(crate) fn failures(&self) -> Vec<String> {
+        lock(&self.root).failures.clone()
+    }
+
+    /// Number of tiers.
+    pub(crate) fn tier_count(&self) -> usize {
+        self.tiers.len()
+    }
+
+    /// Tier names, in start order.
+    pub(crate) fn tier_names(&self) -> Vec<String> {
+        self.tiers.iter().map(|t| t.config.name.clone()).collect()
+    }
+
+    /// Restarts of tier `i`.
+    pub(crate) fn restarts(&self, i: usize) -> u64 {
+        self.tiers[i].restarts.load(Ordering::Relaxed)
+    }
+
+    /// Escalations of tier `i`.
+    pub(crate) fn escalations(&self, i: usize) -> u64 {
+        self.tiers[i].escalations.load(Ordering::Relaxed)
+    }
+
+    /// Start-up times of tier `i`'s agents.
+    pub(crate) fn startup(&self, i: usize) -> &LatencyHistogram {
+        &self.tiers[i].startup
+    }
+
+    /// Every tier's picture, in start order.
+    pub(crate) fn tiers_health(&self) -> Vec<TierHealth> {
+        let mut tiers: Vec<TierHealth> = self
+            .tiers
+            .iter()
+            .map(|t| TierHealth {
+                name: t.config.name.clone(),
+                agents: AgentCounts::default(),
+                unhealthy: 0,
+                restarts: t.restarts.load(Ordering::Relaxed),
+                escalations: t.escalations.load(Ordering::Relaxed),
+                failed: t.failed.load(Ordering::Acquire),
+                startup: t.startup.summary(),
+            })
+            .collect();
+        for slot in self.pool.slots() {
+            let t = &mut tiers[slot.tier()];
+            t.agents.add(slot.state());
+            if slot.is_unhealthy() {
+                t.unhealthy += 1;
+            }
+        }
+        tiers
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One tier, read by health and written by its supervisor.
+struct TierState {
+    config: TierConfig,
     /// Agent indices in start order.
-    pub(crate) children: Vec<u32>,
-    pub(crate) restarts: AtomicU64,
-    pub(crate) escalations: AtomicU64,
+    children: Vec<u32>,
+    restarts: AtomicU64,
+    escalations: AtomicU64,
     /// Set while the tier is down after an escalation the root did not absorb.
-    pub(crate) failed: AtomicBool,
-    pub(crate) startup: LatencyHistogram,
-    pub(crate) control: std::sync::Mutex<Option<mpsc::UnboundedSender<Control>>>,
+    failed: AtomicBool,
+    startup: LatencyHistogram,
+    control: Mutex<Option<mpsc::UnboundedSender<Control>>>,
 }
 
 /// Root bookkeeping: tier restarts within the root's intensity window, and why it gave up.
 #[derive(Default)]
-pub(crate) struct RootState {
+struct RootState {
     restarts: VecDeque<Instant>,
-    pub(crate) failures: Vec<String>,
+    failures: Vec<String>,
 }
 
-pub(crate) enum Control {
+enum Control {
     /// Stop every child in reverse start order, then acknowledge.
     Stop(oneshot::Sender<()>),
     /// The child at this agent index is stuck: treat it as crashed (its incarnation is
@@ -122,8 +323,10 @@ struct Exit {
     reason: ExitReason,
 }
 
-pub(crate) struct TierSupervisor {
-    shared: Arc<Shared>,
+struct TierSupervisor {
+    sup: Arc<Supervision>,
+    /// How to run each child, by position.
+    spawners: Vec<SpawnFn>,
     tier: usize,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits: mpsc::UnboundedReceiver<Exit>,
@@ -141,15 +344,14 @@ pub(crate) struct TierSupervisor {
 
 impl TierSupervisor {
     /// Spawns the supervisor for `tier` and starts its children (without waiting for them).
-    pub(crate) fn spawn(shared: Arc<Shared>, tier: usize) {
+    fn spawn(sup: Arc<Supervision>, tier: usize, spawners: Vec<SpawnFn>) {
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let (control_tx, control) = mpsc::unbounded_channel();
-        let children = shared.tiers[tier].children.len();
-        if let Ok(mut c) = shared.tiers[tier].control.lock() {
-            *c = Some(control_tx);
-        }
+        let children = sup.tiers[tier].children.len();
+        *lock(&sup.tiers[tier].control) = Some(control_tx);
         let mut sup = TierSupervisor {
-            shared,
+            sup,
+            spawners,
             tier,
             exits_tx,
             exits,
@@ -167,11 +369,11 @@ impl TierSupervisor {
     }
 
     fn child_index(&self, pos: usize) -> u32 {
-        self.shared.tiers[self.tier].children[pos]
+        self.sup.tiers[self.tier].children[pos]
     }
 
     fn position_of(&self, index: u32) -> Option<usize> {
-        self.shared.tiers[self.tier]
+        self.sup.tiers[self.tier]
             .children
             .iter()
             .position(|&c| c == index)
@@ -185,19 +387,13 @@ impl TierSupervisor {
         started: Option<oneshot::Sender<()>>,
     ) {
         let index = self.child_index(pos);
-        let slot = &self.shared.agents[index as usize];
-        slot.stop.store(false, Ordering::Release);
-        slot.kill.store(false, Ordering::Release);
-        let spawn = self.shared.spawner_for(index);
-        let fut = spawn(
-            self.shared.clone(),
-            Start {
-                index,
-                cause,
-                delay,
-                started,
-            },
-        );
+        self.sup.pool.slot(index).clear_requests();
+        let fut = (self.spawners[pos])(Start {
+            index,
+            cause,
+            delay,
+            started,
+        });
         let tx = self.exits_tx.clone();
         self.alive[pos] = true;
         self.generation[pos] += 1;
@@ -206,7 +402,7 @@ impl TierSupervisor {
             // A panic outside a handler (a hook, or the runtime itself) still reports an exit.
             let reason = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(r) => r,
-                Err(p) => ExitReason::Panicked(panic_message(p.as_ref())),
+                Err(p) => ExitReason::Panicked(policy::panic_message(p.as_ref())),
             };
             let _ = tx.send(Exit {
                 index,
@@ -260,14 +456,14 @@ impl TierSupervisor {
             return;
         }
         self.alive[pos] = false;
-        let slot = &self.shared.agents[exit.index as usize];
-        let tier = &self.shared.tiers[self.tier];
-        if slot.starts.load(Ordering::Acquire) == 0 {
+        let sup = self.sup.clone();
+        let slot = sup.pool.slot(exit.index);
+        let tier = &sup.tiers[self.tier];
+        if slot.starts() == 0 {
             // It never started: the pool cannot come up as configured. The builder reports it;
             // retrying would only hide the error behind restarts.
             slot.set_state(AgentState::Stopped);
-            self.shared
-                .first_start_finished(exit.index, Some(exit.reason.to_string()));
+            sup.first_start_finished(exit.index, Some(exit.reason.to_string()));
             return;
         }
         // Restarts continue while shutdown drains: queued work still needs agents.
@@ -321,7 +517,9 @@ impl TierSupervisor {
         // each after the previous has started, as they were started the first time.
         let delay = self.backoff(pos, now);
         for p in first..=last {
-            self.shared.agents[self.child_index(p) as usize].set_state(AgentState::Restarting);
+            sup.pool
+                .slot(self.child_index(p))
+                .set_state(AgentState::Restarting);
         }
         tokio::time::sleep(delay).await;
         for p in first..=last {
@@ -338,16 +536,14 @@ impl TierSupervisor {
     }
 
     fn count_restart(&self, pos: usize) {
-        self.shared.tiers[self.tier]
+        self.sup.tiers[self.tier]
             .restarts
             .fetch_add(1, Ordering::Relaxed);
-        self.shared.agents[self.child_index(pos) as usize]
-            .restarts
-            .fetch_add(1, Ordering::Relaxed);
+        self.sup.pool.slot(self.child_index(pos)).record_restart();
     }
 
     fn backoff(&mut self, pos: usize, now: Instant) -> Duration {
-        let tier = &self.shared.tiers[self.tier].config;
+        let tier = &self.sup.tiers[self.tier].config;
         let recent = &mut self.child_window[pos];
         recent.push_back(now);
         while recent
@@ -384,9 +580,9 @@ impl TierSupervisor {
             return;
         }
         let index = self.child_index(pos);
-        let slot = &self.shared.agents[index as usize];
-        slot.stop.store(true, Ordering::Release);
-        slot.signal.force_wake();
+        let sup = self.sup.clone();
+        let slot = sup.pool.slot(index);
+        slot.request_stop();
         let generation = self.generation[pos];
         let already = self
             .pending
@@ -399,7 +595,7 @@ impl TierSupervisor {
             slot.set_state(AgentState::Stopped);
             return;
         }
-        let mut deadline = Some(Instant::now() + self.shared.config.shutdown.stop_timeout);
+        let mut deadline = Some(Instant::now() + sup.stop_timeout);
         loop {
             let exit = match deadline {
                 Some(d) => match tokio::time::timeout_at(d.into(), self.exits.recv()).await {
@@ -407,8 +603,7 @@ impl TierSupervisor {
                     Err(_) => {
                         // It is still busy with a task: cancel that task and keep waiting.
                         tracing::warn!(agent = index, "stop timeout passed; cancelling its work");
-                        slot.kill.store(true, Ordering::Release);
-                        slot.signal.force_wake();
+                        slot.kill();
                         deadline = None;
                         continue;
                     }
@@ -427,18 +622,18 @@ impl TierSupervisor {
     }
 
     async fn escalate(&mut self, reason: &ExitReason) {
-        let shared = self.shared.clone();
-        let tier = &shared.tiers[self.tier];
+        let sup = self.sup.clone();
+        let tier = &sup.tiers[self.tier];
         tier.escalations.fetch_add(1, Ordering::Relaxed);
         tracing::error!(tier = %tier.config.name, %reason, "restart intensity exceeded; escalating to root");
         self.stop_range(0).await;
         for &child in &tier.children {
-            shared.agents[child as usize].set_state(AgentState::Stopped);
+            sup.pool.slot(child).set_state(AgentState::Stopped);
         }
         // Exits gathered while stopping belong to children that are now down anyway.
         self.pending.clear();
         self.window.clear();
-        let restart = shared.root_allows_restart(self.tier, reason);
+        let restart = sup.root_allows_restart(self.tier, reason);
         if restart {
             for pos in 0..self.alive.len() {
                 self.count_restart(pos);
@@ -454,7 +649,7 @@ impl TierSupervisor {
 
 impl RootState {
     /// Records a tier escalation; true if the root restarts the tier, false if it gives up.
-    pub(crate) fn on_escalation(
+    fn on_escalation(
         &mut self,
         tier: &str,
         reason: &ExitReason,
@@ -478,66 +673,6 @@ impl RootState {
             false
         } else {
             true
-        }
-    }
-}
-
-/// The liveness watchdog: every heartbeat, checks each busy agent against its task's deadline.
-/// Two heartbeats past it the agent is marked unhealthy; three past, its task is answered
-/// `timeout` and its supervisor replaces it. Holds only a weak reference, so it ends with the
-/// runtime.
-pub(crate) async fn watchdog(shared: std::sync::Weak<Shared>) {
-    use crate::slot::Liveness;
-    let heartbeat = match shared.upgrade() {
-        Some(s) => s.config.liveness.heartbeat,
-        None => return,
-    };
-    let beat_ms = u64::try_from(heartbeat.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    let mut tick = tokio::time::interval(heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(s) = shared.upgrade() else { return };
-        if s.is_stopped() {
-            return;
-        }
-        let now = s.ms_at(Instant::now());
-        for (index, slot) in s.agents.iter().enumerate() {
-            let deadline = slot.deadline_ms.load(Ordering::Acquire);
-            if deadline == 0 || now <= deadline {
-                if slot.is_unhealthy() && deadline == 0 {
-                    slot.set_liveness(Liveness::Healthy);
-                }
-                continue;
-            }
-            let overdue = now - deadline;
-            if overdue >= 3 * beat_ms {
-                let Some(task) = slot.in_flight.take() else {
-                    continue;
-                };
-                slot.deadline_ms.store(0, Ordering::Release);
-                slot.set_liveness(Liveness::Dead);
-                tracing::error!(
-                    agent = index,
-                    overdue_ms = overdue,
-                    "agent unresponsive: answering its task `timeout` and replacing it"
-                );
-                s.finish(task, crate::task::Outcome::Timeout);
-                let reason =
-                    ExitReason::Unresponsive(format!("busy {overdue} ms past its task's deadline"));
-                let control = s.tiers[slot.tier]
-                    .control
-                    .lock()
-                    .ok()
-                    .and_then(|c| c.clone());
-                if let Some(c) = control {
-                    let _ = c.send(Control::Replace(index as u32, reason));
-                }
-            } else if overdue >= 2 * beat_ms {
-                slot.set_liveness(Liveness::Warning);
-            }
         }
     }
 }

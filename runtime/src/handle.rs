@@ -1,0 +1,435 @@
+//! The runtime's core (its parts, composed) and [`RuntimeHandle`], the cheap handle through which
+//! callers and agents use it.
+//!
+//! [`Core`] holds one of each part, each owning its own state: the pool (agent slots, work
+//! groups, capability index), admission (bounds and the shutdown gate), the bus, the ledger
+//! (task counts and outcomes), supervision and the sandbox. Submission is the one flow that
+//! crosses them, and it is written here, in the order a task meets them: validate against the
+//! pool, reserve in admission, count in the ledger, queue in the pool (or dispatch to the
+//! sandbox). Nothing here reaches into a part's fields; parts do not know the core.
+
+// A refused submission hands the task back by value inside `Rejected`: boxing it would put an
+// allocation on the overload path, exactly where the runtime must stay cheap.
+#![allow(clippy::result_large_err)]
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::admission::Admission;
+use crate::bus::{Bus, BusCore};
+use crate::config::RuntimeConfig;
+use crate::error::{Rejected, SubmitError};
+use crate::health::{Health, Stats};
+use crate::ids::{AgentId, next_task_id};
+use crate::ledger::Ledger;
+use crate::phase::Phase;
+use crate::pool::Pool;
+use crate::priority::Priority;
+use crate::sandbox::lanes::{Responder, Sandbox};
+use crate::sandbox::model::{SandboxError, Verdict};
+use crate::supervisor::Supervision;
+use crate::task::{Completion, Outcome, QueuedTask, Task, TaskHandle};
+use crate::telemetry::LatencyHistogram;
+
+/// One runtime's parts.
+pub(crate) struct Core {
+    config: RuntimeConfig,
+    phase: Arc<Phase>,
+    pool: Arc<Pool>,
+    admission: Arc<Admission>,
+    bus: Arc<BusCore>,
+    ledger: Arc<Ledger>,
+    supervision: Arc<Supervision>,
+    sandbox: Arc<Sandbox>,
+    /// Lets a retry timer keep the runtime alive without threading an `Arc` everywhere.
+    self_ref: Weak<Core>,
+}
+
+/// The parts a [`Core`] is made of (built by the runtime builder).
+pub(crate) struct Parts {
+    pub(crate) config: RuntimeConfig,
+    pub(crate) phase: Arc<Phase>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) bus: Arc<BusCore>,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) supervision: Arc<Supervision>,
+    pub(crate) sandbox: Arc<Sandbox>,
+}
+
+impl Core {
+    /// Composes `parts`; `self_ref` is the weak reference to the core being built.
+    pub(crate) fn new(self_ref: Weak<Core>, parts: Parts) -> Self {
+        let Parts {
+            config,
+            phase,
+            pool,
+            admission,
+            bus,
+            ledger,
+            supervision,
+            sandbox,
+        } = parts;
+        Core {
+            config,
+            phase,
+            pool,
+            admission,
+            bus,
+            ledger,
+            supervision,
+            sandbox,
+            self_ref,
+        }
+    }
+
+    /// The config the runtime was started with.
+    #[inline]
+    pub(crate) fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The lifecycle phase.
+    #[inline]
+    pub(crate) fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Agent slots, work groups, capability index.
+    #[inline]
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Bounds and the shutdown gate.
+    #[inline]
+    pub(crate) fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Mailboxes, topics and their counters.
+    #[inline]
+    pub(crate) fn bus(&self) -> &Arc<BusCore> {
+        &self.bus
+    }
+
+    /// Task counts, latencies and outcomes.
+    #[inline]
+    pub(crate) fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Tiers, root and restarts.
+    #[inline]
+    pub(crate) fn supervision(&self) -> &Arc<Supervision> {
+        &self.supervision
+    }
+
+    /// The tri-sandbox.
+    #[inline]
+    pub(crate) fn sandbox(&self) -> &Arc<Sandbox> {
+        &self.sandbox
+    }
+
+    /// Retries a failed attempt if its policy allows, otherwise finishes with `outcome`.
+    pub(crate) fn retry_or_finish(&self, mut task: QueuedTask, outcome: Outcome) {
+        if task.attempt >= task.retry.max_attempts || self.phase.is_cancelling() {
+            self.ledger.finish(task, outcome);
+            return;
+        }
+        task.attempt += 1;
+        let delay = task.retry.delay_before(task.attempt);
+        if delay.is_zero() {
+            self.requeue(task);
+            return;
+        }
+        match (
+            tokio::runtime::Handle::try_current(),
+            self.self_ref.upgrade(),
+        ) {
+            (Ok(handle), Some(core)) => {
+                handle.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    core.requeue(task);
+                });
+            }
+            _ => self.requeue(task),
+        }
+    }
+
+    fn requeue(&self, mut task: QueuedTask) {
+        if self.phase.is_cancelling() {
+            self.ledger.finish(task, Outcome::Cancelled);
+            return;
+        }
+        task.enqueued_at = Instant::now();
+        self.admission.force_reserve(task.priority);
+        let group = task.group;
+        self.pool.push(group, task);
+    }
+
+    fn reject(&self, task: Task, error: SubmitError) -> Rejected {
+        self.ledger.rejected(task.priority, &error);
+        Rejected { error, task }
+    }
+
+    /// Checks `task` against the pool (or the sandbox) before any slot is reserved; the group
+    /// it will be queued on.
+    fn precheck(&self, task: &Task) -> Result<u32, SubmitError> {
+        if self.phase.is_closed() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if task.timeout == Some(Duration::ZERO) {
+            return Err(SubmitError::Invalid("timeout must be above zero".into()));
+        }
+        if task.sandboxed {
+            return match self.sandbox.lanes_for(&task.target) {
+                Some(_) => Ok(u32::MAX),
+                None => Err(SubmitError::Invalid(format!(
+                    "{} is not a sandbox kind (see `sandbox.kinds`)",
+                    task.target
+                ))),
+            };
+        }
+        if task.retry.max_attempts == 0 {
+            return Err(SubmitError::Invalid(
+                "retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        self.pool.resolve(&task.target)
+    }
+
+    /// Admits a task whose queue slot is already reserved.
+    fn admit(&self, task: Task, group: u32) -> Result<TaskHandle, Rejected> {
+        let p = task.priority;
+        let _pass = match self.admission.enter() {
+            Ok(pass) => pass,
+            Err(e) => {
+                self.admission.release(p);
+                return Err(self.reject(task, e));
+            }
+        };
+        let now = Instant::now();
+        let id = next_task_id();
+        let (tx, rx) = oneshot::channel();
+        self.ledger.accepted(id, p);
+        let queued = QueuedTask {
+            id,
+            priority: p,
+            payload: task.payload.clone(),
+            timeout: task.timeout,
+            deadline: task.deadline,
+            retry: task.retry,
+            attempt: 1,
+            submitted_at: now,
+            enqueued_at: now,
+            group,
+            completion: Completion::new(Some(tx)),
+        };
+        if task.sandboxed {
+            match self.sandbox.lanes_for(&task.target) {
+                Some(lanes) => {
+                    let timeout = self.sandbox.lane_timeout(task.timeout, task.deadline);
+                    self.sandbox.dispatch(
+                        lanes,
+                        id,
+                        task.payload,
+                        timeout,
+                        Responder::Task(queued),
+                    );
+                }
+                None => {
+                    self.admission.release(p);
+                    self.ledger.finish(queued, Outcome::Cancelled);
+                }
+            }
+            return Ok(TaskHandle::new(id, rx));
+        }
+        self.pool.push(group, queued);
+        Ok(TaskHandle::new(id, rx))
+    }
+}
+
+/// A cheap, cloneable handle to a running runtime.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeHandle")
+            .field("agents", &self.core.pool.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeHandle {
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        RuntimeHandle { core }
+    }
+
+    /// The core, for the runtime's own modules above it (the agent loop, shutdown, export).
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Submits a task if its priority's queue has room; refuses at once otherwise.
+    ///
+    /// On refusal the task comes back inside [`Rejected`] with a typed reason (queue full with
+    /// its depth and capacity, shutting down, or invalid).
+    #[inline]
+    pub fn try_submit(&self, task: Task) -> Result<TaskHandle, Rejected> {
+        let c = &self.core;
+        let group = match c.precheck(&task) {
+            Ok(g) => g,
+            Err(e) => return Err(c.reject(task, e)),
+        };
+        if let Err(e) = c.admission.try_reserve(task.priority) {
+            return Err(c.reject(task, e));
+        }
+        c.admit(task, group)
+    }
+
+    /// Submits a task, waiting up to `max_wait` for room in its priority's queue.
+    pub async fn submit(&self, task: Task, max_wait: Duration) -> Result<TaskHandle, Rejected> {
+        let c = &self.core;
+        let group = match c.precheck(&task) {
+            Ok(g) => g,
+            Err(e) => return Err(c.reject(task, e)),
+        };
+        if let Err(e) = c
+            .admission
+            .reserve_until(task.priority, Instant::now() + max_wait)
+            .await
+        {
+            return Err(c.reject(task, e));
+        }
+        c.admit(task, group)
+    }
+
+    /// Runs `task` in the tri-sandbox and returns the verdict: the output two lanes agreed on
+    /// and which lanes they were, or [`SandboxError::NoQuorum`] with every lane's result.
+    /// Admission applies as for any task (a full queue is `SandboxError::Rejected`).
+    pub async fn run_sandboxed(&self, task: Task) -> Result<Verdict, SandboxError> {
+        let c = &self.core;
+        let task = task.sandboxed();
+        let priority = task.priority;
+        let rejected = |e: SubmitError| {
+            c.ledger.rejected(priority, &e);
+            SandboxError::Rejected(e)
+        };
+        c.precheck(&task).map_err(rejected)?;
+        let lanes = c
+            .sandbox
+            .lanes_for(&task.target)
+            .ok_or_else(|| rejected(SubmitError::Invalid("not a sandbox kind".into())))?;
+        c.admission.try_reserve(priority).map_err(rejected)?;
+        let answer = {
+            let _pass = match c.admission.enter() {
+                Ok(pass) => pass,
+                Err(e) => {
+                    c.admission.release(priority);
+                    return Err(rejected(e));
+                }
+            };
+            let id = next_task_id();
+            c.ledger.accepted(id, priority);
+            let (reply, answer) = oneshot::channel();
+            let timeout = c.sandbox.lane_timeout(task.timeout, task.deadline);
+            c.sandbox.dispatch(
+                lanes,
+                id,
+                task.payload,
+                timeout,
+                Responder::Direct {
+                    id,
+                    priority,
+                    submitted_at: Instant::now(),
+                    reply,
+                },
+            );
+            answer
+        };
+        answer.await.unwrap_or(Err(SandboxError::Cancelled))
+    }
+
+    /// Pids of the sandbox worker processes alive now.
+    pub fn sandbox_worker_pids(&self) -> Vec<u32> {
+        self.core.sandbox.worker_pids()
+    }
+
+    /// The tri-sandbox (the worker process side reads its lane kinds).
+    pub(crate) fn sandbox(&self) -> Arc<Sandbox> {
+        self.core.sandbox.clone()
+    }
+
+    /// The message bus, sending from outside the pool.
+    pub fn bus(&self) -> Bus {
+        self.bus_as(None)
+    }
+
+    /// The bus, sending as `from`.
+    pub(crate) fn bus_as(&self, from: Option<AgentId>) -> Bus {
+        Bus::new(self.core.bus.clone(), from)
+    }
+
+    /// Ids of the agents of `kind`, in start order.
+    pub fn agents_of_kind(&self, kind: &str) -> Vec<AgentId> {
+        self.core.pool.agents_of_kind(kind)
+    }
+
+    /// Ids of the agents that serve `capability` (every kind is a capability), in start order.
+    pub fn agents_with(&self, capability: &str) -> Vec<AgentId> {
+        self.core.pool.agents_with(capability)
+    }
+
+    /// Number of agents in the pool.
+    pub fn agent_count(&self) -> usize {
+        self.core.pool.len()
+    }
+
+    /// Tasks accepted and not yet finished (queued, running, or waiting to retry).
+    pub fn outstanding(&self) -> u64 {
+        self.core.ledger.outstanding()
+    }
+
+    /// Free room in `priority`'s queue right now (its bound minus what it holds). A task
+    /// source uses it to pull only what this runtime can take.
+    pub fn room(&self, priority: Priority) -> usize {
+        let a = &self.core.admission;
+        a.capacity(priority).saturating_sub(a.depth(priority))
+    }
+
+    /// A snapshot of readiness, agents, queues and supervision.
+    pub fn health(&self) -> Health {
+        let c = &self.core;
+        let mut reasons = Vec::new();
+        if c.phase.is_closed() {
+            reasons.push("shutting down".to_owned());
+        }
+        reasons.extend(c.supervision.failures());
+        Health {
+            ready: reasons.is_empty(),
+            reasons,
+            agents: c.pool.len(),
+            max_agents: c.config.max_agents,
+            tiers: c.supervision.tiers_health(),
+            queues: c.admission.queues(),
+            outstanding: c.ledger.outstanding(),
+        }
+    }
+
+    /// Counts and exact latency percentiles per priority, and bus totals.
+    pub fn stats(&self) -> Stats {
+        let c = &self.core;
+        Stats {
+            priorities: Priority::ALL.iter().map(|&p| c.ledger.stats(p)).collect(),
+            latency: LatencyHistogram::merged(Priority::ALL.iter().map(|&p| c.ledger.latency(p))),
+            bus: c.bus.stats(),
+            sandbox: c.sandbox.stats(),
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The task ledger: every task the runtime accepts is counted here, and here it gets its one
+//! outcome.
+//!
+//! Admission reports what it accepted and refused, agents report when they start an attempt
+//! and how long the handler ran, and whoever ends a task (an agent, the liveness watchdog, the
+//! sandbox's unifier, shutdown's sweep) ends it through [`Ledger::finish`], which counts the
+//! outcome, records the submit-to-outcome latency, tells the observers and answers the handle.
+//! So "accepted = sum of outcomes" is one module's arithmetic, and `outstanding` is exact.
+//!
+//! The [`TaskObserver`]s registered at start hear every event (see `events`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::SubmitError;
+use crate::events::{TaskEvent, TaskEventKind, TaskObserver};
+use crate::ids::{AgentId, TaskId};
+use crate::priority::{PerPriority, Priority};
+use crate::task::{Outcome, OutcomeKind, QueuedTask};
+use crate::telemetry::{
+    LatencyHistogram, LatencySummary, StripedCounter, elapsed_ns, nanos_between,
+};
+
+/// Outcome counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OutcomeCounts {
+    /// Outcome `ok`.
+    pub ok: u64,
+    /// Outcome `error`.
+    pub error: u64,
+    /// Outcome `timeout`.
+    pub timeout: u64,
+    /// Outcome `panic`.
+    pub panic: u64,
+    /// Outcome `cancelled`.
+    pub cancelled: u64,
+}
+
+impl OutcomeCounts {
+    /// Sum over all outcomes.
+    pub fn total(&self) -> u64 {
+        self.ok + self.error + self.timeout + self.panic + self.cancelled
+    }
+}
+
+/// Rejection counts by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RejectionCounts {
+    /// The queue was full.
+    pub queue_full: u64,
+    /// The runtime was shutting down.
+    pub shutting_down: u64,
+    /// The task was invalid (unknown target, bad timeout).
+    pub invalid: u64,
+}
+
+/// One priority's counts and latencies.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PriorityStats {
+    /// The priority.
+    pub priority: Priority,
+    /// Tasks accepted.
+    pub submitted: u64,
+    /// Tasks refused at admission.
+    pub rejected: RejectionCounts,
+    /// Tasks finished, by outcome.
+    pub completed: OutcomeCounts,
+    /// Time from queueing to an agent picking the task up (per attempt).
+    pub queue_wait: LatencySummary,
+    /// Handler time (per attempt).
+    pub handler: LatencySummary,
+    /// Submit to outcome.
+    pub latency: LatencySummary,
+}
+
+/// Counters and latency histograms of every task, per priority, plus the observers.
+pub(crate) struct Ledger {
+    submitted: PerPriority<StripedCounter>,
+    completed: PerPriority<[StripedCounter; OutcomeKind::ALL.len()]>,
+    /// By reason: queue_full, shutting_down, invalid.
+    rejected: PerPriority<[StripedCounter; 3]>,
+    queue_wait: PerPriority<LatencyHistogram>,
+    handler: PerPriority<LatencyHistogram>,
+    latency: PerPriority<LatencyHistogram>,
+    observers: Box<[Arc<dyn TaskObserver>]>,
+}
+
+fn rejected_index(error: &SubmitError) -> usize {
+    match error.reason_label() {
+        "queue_full" => 0,
+        "shutting_down" => 1,
+        _ => 2,
+    }
+}
+
+impl Ledger {
+    /// `latency` switches the latency histograms on or off (counters always run).
+    pub(crate) fn new(latency: bool, observers: Vec<Arc<dyn TaskObserver>>) -> Self {
+        Ledger {
+            submitted: PerPriority::from_fn(|_| StripedCounter::default()),
+            completed: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
+            rejected: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
+            queue_wait: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
+            handler: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
+            latency: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
+            observers: observers.into_boxed_slice(),
+        }
+    }
+
+    #[inline]
+    fn emit(&self, task: TaskId, priority: Priority, kind: TaskEventKind) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let event = TaskEvent {
+            task,
+            priority,
+            at: Instant::now(),
+            kind,
+        };
+        for o in self.observers.iter() {
+            o.on_event(&event);
+        }
+    }
+
+    /// Counts an accepted task.
+    #[inline]
+    pub(crate) fn accepted(&self, task: TaskId, priority: Priority) {
+        self.submitted[priority].increment(1);
+        self.emit(task, priority, TaskEventKind::Accepted);
+    }
+
+    /// Counts a refused submission.
+    pub(crate) fn rejected(&self, priority: Priority, error: &SubmitError) {
+        self.rejected[priority][rejected_index(error)].increment(1);
+    }
+
+    /// Counts an attempt picked up by `agent` at `now`.
+    #[inline]
+    pub(crate) fn started(&self, task: &QueuedTask, agent: AgentId, now: Instant) {
+        self.queue_wait[task.priority].record(nanos_between(task.enqueued_at, now));
+        self.emit(
+            task.id,
+            task.priority,
+            TaskEventKind::Started {
+                agent,
+                attempt: task.attempt,
+            },
+        );
+    }
+
+    /// Records one attempt's handler time.
+    #[inline]
+    pub(crate) fn handled(&self, priority: Priority, since: Instant) {
+        self.handler[priority].record(elapsed_ns(since));
+    }
+
+    /// Ends a task: counts and records the outcome, then answers its handle.
+    #[inline]
+    pub(crate) fn finish(&self, task: QueuedTask, outcome: Outcome) {
+        let p = task.priority;
+        let kind = outcome.kind();
+        self.completed[p][kind.index()].increment(1);
+        self.latency[p].record(elapsed_ns(task.submitted_at));
+        self.emit(task.id, p, TaskEventKind::Finished { outcome: kind });
+        task.completion.send(outcome);
+    }
+
+    /// Ends a task that has no handle of its own (a direct sandboxed run answers its caller).
+    pub(crate) fn finish_direct(
+        &self,
+        task: TaskId,
+        priority: Priority,
+        outcome: OutcomeKind,
+        submitted_at: Instant,
+    ) {
+        self.completed[priority][outcome.index()].increment(1);
+        self.latency[priority].record(elapsed_ns(submitted_at));
+        self.emit(task, priority, TaskEventKind::Finished { outcome });
+    }
+
+    /// Tasks accepted at `p`.
+    pub(crate) fn submitted(&self, p: Priority) -> u64 {
+        self.submitted[p].get()
+    }
+
+    /// Tasks at `p` that ended with `kind`.
+    pub(crate) fn completed(&self, p: Priority, kind: OutcomeKind) -> u64 {
+        self.completed[p][kind.index()].get()
+    }
+
+    /// Refusals at `p`, by reason.
+    pub(crate) fn rejections(&self, p: Priority) -> RejectionCounts {
+        RejectionCounts {
+            queue_full: self.rejected[p][0].get(),
+            shutting_down: self.rejected[p][1].get(),
+            invalid: self.rejected[p][2].get(),
+        }
+    }
+
+    /// Outcomes of `kind` over all priorities.
+    pub(crate) fn completed_total(&self, kind: OutcomeKind) -> u64 {
+        Priority::ALL.iter().map(|&p| self.completed(p, kind)).sum()
+    }
+
+    /// Tasks accepted and not yet finished (queued, running, or waiting to retry).
+    pub(crate) fn outstanding(&self) -> u64 {
+        let done: u64 = Priority::ALL
+            .iter()
+            .flat_map(|&p| self.completed[p].iter())
+            .map(StripedCounter::get)
+            .sum();
+        let accepted: u64 = Priority::ALL.iter().map(|&p| self.submitted(p)).sum();
+        accepted.saturating_sub(done)
+    }
+
+    /// Queue wait per attempt at `p`.
+    pub(crate) fn queue_wait(&self, p: Priority) -> &LatencyHistogram {
+        &self.queue_wait[p]
+    }
+
+    /// Handler time per attempt at `p`.
+    pub(crate) fn handler(&self, p: Priority) -> &LatencyHistogram {
+        &self.handler[p]
+    }
+
+    /// Submit to outcome at `p`.
+    pub(crate) fn latency(&self, p: Priority) -> &LatencyHistogram {
+        &self.latency[p]
+    }
+
+    /// One priority's counts and percentiles.
+    pub(crate) fn stats(&self, p: Priority) -> PriorityStats {
+        let c = |k: OutcomeKind| self.completed(p, k);
+        PriorityStats {
+            priority: p,
+            submitted: self.submitted(p),
+            rejected: self.rejections(p),
+            completed: OutcomeCounts {
+                ok: c(OutcomeKind::Ok),
+                error: c(OutcomeKind::Error),
+                timeout: c(OutcomeKind::Timeout),
+                panic: c(OutcomeKind::Panic),
+                cancelled: c(OutcomeKind::Cancelled),
+            },
+            queue_wait: self.queue_wait[p].summary(),
+            handler: self.handler[p].summary(),
+            latency: self.latency[p].summary(),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The runtime's lifecycle phase, read by every part that must behave differently once shutdown
+//! begins: admission refuses, the bus refuses, agents cancel the work in hand.
+//!
+//! One atomic, written only by the runtime's shutdown, so reading it costs a load.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Where the runtime is in its life. The order matters: each phase includes the ones before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum Stage {
+    /// Taking work.
+    Running = 0,
+    /// Shutdown began: no new work is admitted; queued work drains.
+    Draining = 1,
+    /// The drain deadline passed: what is left is cancelled.
+    Cancelling = 2,
+    /// Shutdown finished.
+    Stopped = 3,
+}
+
+/// The shared phase flag.
+#[derive(Debug, Default)]
+pub(crate) struct Phase(AtomicU8);
+
+impl Phase {
+    /// Moves to `stage` (shutdown only moves forward).
+    pub(crate) fn enter(&self, stage: Stage) {
+        self.0.store(stage as u8, Ordering::SeqCst);
+    }
+
+    /// True once shutdown has begun (admission closed).
+    #[inline]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != Stage::Running as u8
+    }
+
+    /// True once shutdown has given up draining and cancels what is left.
+    #[inline]
+    pub(crate) fn is_cancelling(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= Stage::Cancelling as u8
+    }
+
+    /// True once shutdown has finished.
+    #[inline]
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Stage::Stopped as u8
+    }
+}

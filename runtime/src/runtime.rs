@@ -154,7 +154,7 @@ impl RuntimeBuilder {
             ledger.clone(),
             phase.clone(),
             config.tiers.iter().cloned().zip(children).collect(),
-            config.root.clone(),
+            config.root,
             config.shutdown.stop_timeout,
             config.liveness.heartbeat,
         ));

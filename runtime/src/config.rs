@@ -453,7 +453,7 @@ fn check_period(field: &str, period: Duration) -> Result<(), ConfigError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "policy")]
 pub enum Overflow {
-    /// Fail the send with [`BusError::MailboxFull`].
+    /// Fail the send with [`BusError::MailboxFull`](crate::BusError::MailboxFull).
     #[default]
     Reject,
     /// Drop the new message and count it in `troupe_bus_messages_dropped_total`.

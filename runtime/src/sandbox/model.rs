@@ -168,7 +168,7 @@ fn default_instances() -> usize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessConfig {
-    /// Program and arguments. The program must call [`worker_main`] (the agents crate ships
+    /// Program and arguments. The program must call [`worker_main`](crate::sandbox::worker_main) (the agents crate ships
     /// `troupe-worker`; the `troupe` node runs itself with `sandbox-worker`).
     pub command: Vec<String>,
 }

@@ -50,6 +50,13 @@
 //! # }
 //! ```
 //!
+//! ## Building on it
+//!
+//! A layer above the runtime (a workflow engine, a durable queue) follows every task with a
+//! [`TaskObserver`] registered through [`RuntimeBuilder::observe`], and feeds the pool by pull
+//! with a [`TaskSource`] driven by [`RuntimeHandle::pump`] (bounded in flight, every task
+//! reported once). The repository's `docs/ARCHITECTURE.md` shows the parts and where these plug in.
+//!
 //! ## Guarantees
 //!
 //! * Every accepted task ends in exactly one [`Outcome`]: `ok`, `error`, `timeout`, `panic`

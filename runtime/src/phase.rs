@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 /// Where the runtime is in its life. The order matters: each phase includes the ones before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -19,9 +21,11 @@ pub(crate) enum Stage {
     Stopped = 3,
 }
 
-/// The shared phase flag.
+/// The shared phase flag. Padded to its own cache line: every send and submission reads it, and
+/// as a small allocation of its own it would otherwise share a line with whatever is allocated
+/// next to it.
 #[derive(Debug, Default)]
-pub(crate) struct Phase(AtomicU8);
+pub(crate) struct Phase(CachePadded<AtomicU8>);
 
 impl Phase {
     /// Moves to `stage` (shutdown only moves forward).

@@ -35,14 +35,7 @@ use crate::telemetry::LatencyHistogram;
 
 /// One runtime's parts.
 pub(crate) struct Core {
-    config: RuntimeConfig,
-    phase: Arc<Phase>,
-    pool: Arc<Pool>,
-    admission: Arc<Admission>,
-    bus: Arc<BusCore>,
-    ledger: Arc<Ledger>,
-    supervision: Arc<Supervision>,
-    sandbox: Arc<Sandbox>,
+    parts: Parts,
     /// Lets a retry timer keep the runtime alive without threading an `Arc` everywhere.
     self_ref: Weak<Core>,
 }
@@ -62,81 +55,61 @@ pub(crate) struct Parts {
 impl Core {
     /// Composes `parts`; `self_ref` is the weak reference to the core being built.
     pub(crate) fn new(self_ref: Weak<Core>, parts: Parts) -> Self {
-        let Parts {
-            config,
-            phase,
-            pool,
-            admission,
-            bus,
-            ledger,
-            supervision,
-            sandbox,
-        } = parts;
-        Core {
-            config,
-            phase,
-            pool,
-            admission,
-            bus,
-            ledger,
-            supervision,
-            sandbox,
-            self_ref,
-        }
+        Core { parts, self_ref }
     }
 
     /// The config the runtime was started with.
     #[inline]
     pub(crate) fn config(&self) -> &RuntimeConfig {
-        &self.config
+        &self.parts.config
     }
 
     /// The lifecycle phase.
     #[inline]
     pub(crate) fn phase(&self) -> &Phase {
-        &self.phase
+        &self.parts.phase
     }
 
     /// Agent slots, work groups, capability index.
     #[inline]
     pub(crate) fn pool(&self) -> &Pool {
-        &self.pool
+        &self.parts.pool
     }
 
     /// Bounds and the shutdown gate.
     #[inline]
     pub(crate) fn admission(&self) -> &Admission {
-        &self.admission
+        &self.parts.admission
     }
 
     /// Mailboxes, topics and their counters.
     #[inline]
     pub(crate) fn bus(&self) -> &Arc<BusCore> {
-        &self.bus
+        &self.parts.bus
     }
 
     /// Task counts, latencies and outcomes.
     #[inline]
     pub(crate) fn ledger(&self) -> &Ledger {
-        &self.ledger
+        &self.parts.ledger
     }
 
     /// Tiers, root and restarts.
     #[inline]
     pub(crate) fn supervision(&self) -> &Arc<Supervision> {
-        &self.supervision
+        &self.parts.supervision
     }
 
     /// The tri-sandbox.
     #[inline]
     pub(crate) fn sandbox(&self) -> &Arc<Sandbox> {
-        &self.sandbox
+        &self.parts.sandbox
     }
 
     /// Retries a failed attempt if its policy allows, otherwise finishes with `outcome`.
     pub(crate) fn retry_or_finish(&self, mut task: QueuedTask, outcome: Outcome) {
-        if task.attempt >= task.retry.max_attempts || self.phase.is_cancelling() {
-            self.ledger.finish(task, outcome);
+        if task.attempt >= task.retry.max_attempts || self.parts.phase.is_cancelling() {
+            self.parts.ledger.finish(task, outcome);
             return;
         }
         task.attempt += 1;
@@ -160,32 +133,32 @@ impl Core {
     }
 
     fn requeue(&self, mut task: QueuedTask) {
-        if self.phase.is_cancelling() {
-            self.ledger.finish(task, Outcome::Cancelled);
+        if self.parts.phase.is_cancelling() {
+            self.parts.ledger.finish(task, Outcome::Cancelled);
             return;
         }
         task.enqueued_at = Instant::now();
-        self.admission.force_reserve(task.priority);
+        self.parts.admission.force_reserve(task.priority);
         let group = task.group;
-        self.pool.push(group, task);
+        self.parts.pool.push(group, task);
     }
 
     fn reject(&self, task: Task, error: SubmitError) -> Rejected {
-        self.ledger.rejected(task.priority, &error);
+        self.parts.ledger.rejected(task.priority, &error);
         Rejected { error, task }
     }
 
     /// Checks `task` against the pool (or the sandbox) before any slot is reserved; the group
     /// it will be queued on.
     fn precheck(&self, task: &Task) -> Result<u32, SubmitError> {
-        if self.phase.is_closed() {
+        if self.parts.phase.is_closed() {
             return Err(SubmitError::ShuttingDown);
         }
         if task.timeout == Some(Duration::ZERO) {
             return Err(SubmitError::Invalid("timeout must be above zero".into()));
         }
         if task.sandboxed {
-            return match self.sandbox.lanes_for(&task.target) {
+            return match self.parts.sandbox.lanes_for(&task.target) {
                 Some(_) => Ok(u32::MAX),
                 None => Err(SubmitError::Invalid(format!(
                     "{} is not a sandbox kind (see `sandbox.kinds`)",
@@ -198,23 +171,23 @@ impl Core {
                 "retry.max_attempts must be at least 1".into(),
             ));
         }
-        self.pool.resolve(&task.target)
+        self.parts.pool.resolve(&task.target)
     }
 
     /// Admits a task whose queue slot is already reserved.
     fn admit(&self, task: Task, group: u32) -> Result<TaskHandle, Rejected> {
         let p = task.priority;
-        let _pass = match self.admission.enter() {
+        let _pass = match self.parts.admission.enter() {
             Ok(pass) => pass,
             Err(e) => {
-                self.admission.release(p);
+                self.parts.admission.release(p);
                 return Err(self.reject(task, e));
             }
         };
         let now = Instant::now();
         let id = next_task_id();
         let (tx, rx) = oneshot::channel();
-        self.ledger.accepted(id, p);
+        self.parts.ledger.accepted(id, p);
         let queued = QueuedTask {
             id,
             priority: p,
@@ -229,10 +202,10 @@ impl Core {
             completion: Completion::new(Some(tx)),
         };
         if task.sandboxed {
-            match self.sandbox.lanes_for(&task.target) {
+            match self.parts.sandbox.lanes_for(&task.target) {
                 Some(lanes) => {
-                    let timeout = self.sandbox.lane_timeout(task.timeout, task.deadline);
-                    self.sandbox.dispatch(
+                    let timeout = self.parts.sandbox.lane_timeout(task.timeout, task.deadline);
+                    self.parts.sandbox.dispatch(
                         lanes,
                         id,
                         task.payload,
@@ -241,13 +214,13 @@ impl Core {
                     );
                 }
                 None => {
-                    self.admission.release(p);
-                    self.ledger.finish(queued, Outcome::Cancelled);
+                    self.parts.admission.release(p);
+                    self.parts.ledger.finish(queued, Outcome::Cancelled);
                 }
             }
             return Ok(TaskHandle::new(id, rx));
         }
-        self.pool.push(group, queued);
+        self.parts.pool.push(group, queued);
         Ok(TaskHandle::new(id, rx))
     }
 }
@@ -261,7 +234,7 @@ pub struct RuntimeHandle {
 impl std::fmt::Debug for RuntimeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeHandle")
-            .field("agents", &self.core.pool.len())
+            .field("agents", &self.core.parts.pool.len())
             .finish_non_exhaustive()
     }
 }
@@ -287,7 +260,7 @@ impl RuntimeHandle {
             Ok(g) => g,
             Err(e) => return Err(c.reject(task, e)),
         };
-        if let Err(e) = c.admission.try_reserve(task.priority) {
+        if let Err(e) = c.parts.admission.try_reserve(task.priority) {
             return Err(c.reject(task, e));
         }
         c.admit(task, group)
@@ -301,6 +274,7 @@ impl RuntimeHandle {
             Err(e) => return Err(c.reject(task, e)),
         };
         if let Err(e) = c
+            .parts
             .admission
             .reserve_until(task.priority, Instant::now() + max_wait)
             .await
@@ -318,28 +292,29 @@ impl RuntimeHandle {
         let task = task.sandboxed();
         let priority = task.priority;
         let rejected = |e: SubmitError| {
-            c.ledger.rejected(priority, &e);
+            c.parts.ledger.rejected(priority, &e);
             SandboxError::Rejected(e)
         };
         c.precheck(&task).map_err(rejected)?;
         let lanes = c
+            .parts
             .sandbox
             .lanes_for(&task.target)
             .ok_or_else(|| rejected(SubmitError::Invalid("not a sandbox kind".into())))?;
-        c.admission.try_reserve(priority).map_err(rejected)?;
+        c.parts.admission.try_reserve(priority).map_err(rejected)?;
         let answer = {
-            let _pass = match c.admission.enter() {
+            let _pass = match c.parts.admission.enter() {
                 Ok(pass) => pass,
                 Err(e) => {
-                    c.admission.release(priority);
+                    c.parts.admission.release(priority);
                     return Err(rejected(e));
                 }
             };
             let id = next_task_id();
-            c.ledger.accepted(id, priority);
+            c.parts.ledger.accepted(id, priority);
             let (reply, answer) = oneshot::channel();
-            let timeout = c.sandbox.lane_timeout(task.timeout, task.deadline);
-            c.sandbox.dispatch(
+            let timeout = c.parts.sandbox.lane_timeout(task.timeout, task.deadline);
+            c.parts.sandbox.dispatch(
                 lanes,
                 id,
                 task.payload,
@@ -358,12 +333,12 @@ impl RuntimeHandle {
 
     /// Pids of the sandbox worker processes alive now.
     pub fn sandbox_worker_pids(&self) -> Vec<u32> {
-        self.core.sandbox.worker_pids()
+        self.core.parts.sandbox.worker_pids()
     }
 
     /// The tri-sandbox (the worker process side reads its lane kinds).
     pub(crate) fn sandbox(&self) -> Arc<Sandbox> {
-        self.core.sandbox.clone()
+        self.core.parts.sandbox.clone()
     }
 
     /// The message bus, sending from outside the pool.
@@ -373,33 +348,33 @@ impl RuntimeHandle {
 
     /// The bus, sending as `from`.
     pub(crate) fn bus_as(&self, from: Option<AgentId>) -> Bus {
-        Bus::new(self.core.bus.clone(), from)
+        Bus::new(self.core.parts.bus.clone(), from)
     }
 
     /// Ids of the agents of `kind`, in start order.
     pub fn agents_of_kind(&self, kind: &str) -> Vec<AgentId> {
-        self.core.pool.agents_of_kind(kind)
+        self.core.parts.pool.agents_of_kind(kind)
     }
 
     /// Ids of the agents that serve `capability` (every kind is a capability), in start order.
     pub fn agents_with(&self, capability: &str) -> Vec<AgentId> {
-        self.core.pool.agents_with(capability)
+        self.core.parts.pool.agents_with(capability)
     }
 
     /// Number of agents in the pool.
     pub fn agent_count(&self) -> usize {
-        self.core.pool.len()
+        self.core.parts.pool.len()
     }
 
     /// Tasks accepted and not yet finished (queued, running, or waiting to retry).
     pub fn outstanding(&self) -> u64 {
-        self.core.ledger.outstanding()
+        self.core.parts.ledger.outstanding()
     }
 
     /// Free room in `priority`'s queue right now (its bound minus what it holds). A task
     /// source uses it to pull only what this runtime can take.
     pub fn room(&self, priority: Priority) -> usize {
-        let a = &self.core.admission;
+        let a = &self.core.parts.admission;
         a.capacity(priority).saturating_sub(a.depth(priority))
     }
 
@@ -407,18 +382,18 @@ impl RuntimeHandle {
     pub fn health(&self) -> Health {
         let c = &self.core;
         let mut reasons = Vec::new();
-        if c.phase.is_closed() {
+        if c.parts.phase.is_closed() {
             reasons.push("shutting down".to_owned());
         }
-        reasons.extend(c.supervision.failures());
+        reasons.extend(c.parts.supervision.failures());
         Health {
             ready: reasons.is_empty(),
             reasons,
-            agents: c.pool.len(),
-            max_agents: c.config.max_agents,
-            tiers: c.supervision.tiers_health(),
-            queues: c.admission.queues(),
-            outstanding: c.ledger.outstanding(),
+            agents: c.parts.pool.len(),
+            max_agents: c.parts.config.max_agents,
+            tiers: c.parts.supervision.tiers_health(),
+            queues: c.parts.admission.queues(),
+            outstanding: c.parts.ledger.outstanding(),
         }
     }
 
@@ -426,10 +401,15 @@ impl RuntimeHandle {
     pub fn stats(&self) -> Stats {
         let c = &self.core;
         Stats {
-            priorities: Priority::ALL.iter().map(|&p| c.ledger.stats(p)).collect(),
-            latency: LatencyHistogram::merged(Priority::ALL.iter().map(|&p| c.ledger.latency(p))),
-            bus: c.bus.stats(),
-            sandbox: c.sandbox.stats(),
+            priorities: Priority::ALL
+                .iter()
+                .map(|&p| c.parts.ledger.stats(p))
+                .collect(),
+            latency: LatencyHistogram::merged(
+                Priority::ALL.iter().map(|&p| c.parts.ledger.latency(p)),
+            ),
+            bus: c.parts.bus.stats(),
+            sandbox: c.parts.sandbox.stats(),
         }
     }
 }

@@ -170,3 +170,23 @@ async fn a_pumped_source_reports_every_task_once_and_never_has_more_out_than_all
     assert_eq!(rt.outstanding(), 0);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_is_the_free_part_of_a_priority_queue() {
+    let mut config = RuntimeConfig::default().tier(TierConfig::new("t").agents("w", 1));
+    config.queues.capacity[Priority::Normal] = 4;
+    let rt = scripted(config).start().await.unwrap();
+    assert_eq!(rt.room(Priority::Normal), 4);
+
+    // The one agent takes the first task (its slot is freed when picked) and hangs on it; the
+    // next two wait in the queue.
+    let running = rt.try_submit(Task::new("w", "hang")).unwrap();
+    assert!(common::eventually(Duration::from_secs(5), || rt.room(Priority::Normal) == 4).await);
+    let queued: Vec<_> = (0..2)
+        .map(|_| rt.try_submit(Task::new("w", "ok")).unwrap())
+        .collect();
+    assert_eq!(rt.room(Priority::Normal), 2);
+    assert_eq!(rt.room(Priority::High), rt.health().queues[1].capacity);
+    drop((running, queued));
+    rt.shutdown_with(Duration::ZERO).await;
+}

@@ -262,8 +262,11 @@ async fn agents(State(state): State<Arc<AppState>>) -> Response {
 
 async fn task_status(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
+    // A path that is not valid UTF-8 after percent-decoding is refused by the extractor; answer
+    // it like any other bad id, with the JSON error body.
+    let Path(id) = id.map_err(|e| ApiError::bad_request("invalid_id", e.body_text()))?;
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_id", format!("`{id}` is not a task id")))?;
@@ -440,6 +443,12 @@ async fn send_message(
     let bus = state.runtime.bus();
     let (delivered, dropped) = match (b.topic, b.agent) {
         (Some(topic), None) => {
+            if topic.is_empty() {
+                return Err(ApiError::bad_request(
+                    "invalid_topic",
+                    "`topic` must not be empty",
+                ));
+            }
             let r = bus.publish(&topic, b.payload).await?;
             (r.delivered, r.dropped)
         }

@@ -99,6 +99,21 @@ fn every_endpoint_answers() {
 }
 
 #[test]
+fn an_empty_topic_and_a_non_utf8_path_get_a_4xx_with_a_json_error() {
+    let d = dir();
+    let node = Node::start(d.path(), "");
+    let r = node.post("/v1/messages", r#"{"topic":"","payload":"x"}"#);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"], "invalid_topic");
+    let r = request(node.addr, "GET", "/v1/tasks/%FF", &[], None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"], "invalid_id");
+    assert!(!r.json()["message"].as_str().unwrap().is_empty());
+    let (ok, _) = node.terminate();
+    assert!(ok);
+}
+
+#[test]
 fn bad_input_gets_a_4xx_with_a_json_error_never_a_500() {
     let d = dir();
     let node = Node::start(

@@ -85,8 +85,10 @@ impl Default for RuntimeConfig {
 pub struct QueueConfig {
     /// Most tasks queued per priority (across all targets).
     pub capacity: PerPriority<usize>,
-    /// A non-empty level passed over this many times in a row takes the next pick; so under
-    /// sustained load it gets at least `1 / (limit + 1)` of picks. Ignored for `critical`.
+    /// A non-empty level passed over this many times in a row by a non-critical pick takes
+    /// the next one; so under sustained load it gets at least `1 / (limit + 1)` of the
+    /// non-critical picks. `critical` is strict and never waits for a guard (its entry is
+    /// ignored).
     pub starvation_limit: PerPriority<u32>,
 }
 

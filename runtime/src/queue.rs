@@ -6,10 +6,13 @@
 //! nothing but the task in its hands. How many tasks may be queued is not decided here but by
 //! admission (`admission`), which every task passes before it reaches a group.
 //!
-//! Picking is priority-first with a starvation guard: a non-empty level that has been passed
-//! over `starvation_limit` times in a row takes the next turn. Under sustained load a level
-//! therefore gets at least `1 / (limit + 1)` of the picks (weighted, configurable per level),
-//! while a single urgent task still overtakes everything queued below it.
+//! Picking is priority-first. `critical` is strict: while a critical task is queued it is taken
+//! before anything else, and passing over the other levels for it does not count against
+//! them. Below critical a starvation guard applies: a non-empty level that has been passed over
+//! `starvation_limit` times in a row by a *non-critical* pick takes the next turn. Under
+//! sustained load a level therefore gets at least `1 / (limit + 1)` of the non-critical picks
+//! (weighted, configurable per level), while a single urgent task still overtakes everything
+//! queued below it.
 //!
 //! Everything on this path is lock-free (crossbeam `SegQueue` plus atomics); the only wait is
 //! the `submit` slow path, which lives in admission.
@@ -69,10 +72,22 @@ impl WorkGroup {
         self.first_nonempty().is_none()
     }
 
-    /// Takes the next task by priority with the starvation guard.
+    /// Takes the next task by priority: critical strictly first, then the starvation guard.
     pub(crate) fn pop(&self, limits: &PerPriority<u32>) -> Option<QueuedTask> {
+        const CRITICAL: usize = Priority::Critical.index();
         loop {
             let first = self.first_nonempty()?;
+            if first == CRITICAL {
+                // Strict: no guard overtakes critical work, and serving it is not "passing
+                // over" the levels below (their turn is owed among non-critical picks).
+                let level = &self.levels[CRITICAL];
+                let Some(task) = level.queue.pop() else {
+                    std::hint::spin_loop();
+                    continue;
+                };
+                level.len.fetch_sub(1, Ordering::SeqCst);
+                return Some(task);
+            }
             // A passed-over lower level that reached its limit goes first.
             let chosen = (first + 1..Priority::COUNT)
                 .find(|&i| {

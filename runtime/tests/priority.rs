@@ -31,6 +31,19 @@ impl Agent for Recorder {
     }
 }
 
+/// Waits until the agent has taken the blocker out of the queue (it is then parked on the
+/// gate), so the tasks queued next all wait behind it.
+async fn wait_until_blocked(rt: &Runtime) {
+    for _ in 0..10_000 {
+        if rt.health().queues.iter().all(|q| q.depth == 0) {
+            return;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("the agent never took the blocking task");
+}
+
 async fn single_agent(
     limits: PerPriority<u32>,
 ) -> (
@@ -60,7 +73,7 @@ async fn a_critical_task_overtakes_ten_thousand_queued_low_tasks() {
     let (rt, log, gate) = single_agent(troupe::QueueConfig::default().starvation_limit).await;
     // Saturate the pool: its only agent is busy.
     let blocker = rt.try_submit(Task::new("rec", "block")).unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    wait_until_blocked(&rt).await;
     let mut handles: Vec<_> = (0..10_000)
         .map(|i| {
             rt.try_submit(Task::new("rec", format!("low-{i}")).priority(Priority::Low))
@@ -86,16 +99,16 @@ async fn a_critical_task_overtakes_ten_thousand_queued_low_tasks() {
     rt.shutdown().await;
 }
 
-/// Runs 600 critical, 100 low and 100 background tasks queued at once on one agent and returns
+/// Runs 600 `top`, 100 low and 100 background tasks queued at once on one agent and returns
 /// the start order.
-async fn mixed_run(limits: PerPriority<u32>) -> Vec<String> {
+async fn mixed_run(limits: PerPriority<u32>, top: Priority) -> Vec<String> {
     let (rt, log, gate) = single_agent(limits).await;
     let blocker = rt.try_submit(Task::new("rec", "block")).unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    wait_until_blocked(&rt).await;
     let mut handles = Vec::new();
     for i in 0..600 {
         handles.push(
-            rt.try_submit(Task::new("rec", format!("c{i}")).priority(Priority::Critical))
+            rt.try_submit(Task::new("rec", format!("c{i}")).priority(top))
                 .unwrap(),
         );
         if i % 6 == 0 {
@@ -120,8 +133,8 @@ async fn mixed_run(limits: PerPriority<u32>) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lower_priorities_get_their_configured_share_under_sustained_load() {
-    // low takes a turn after being passed over 3 times, background after 7.
-    let order = mixed_run(PerPriority([u32::MAX, 4, 8, 3, 7])).await;
+    // Under `high` work, low takes a turn after being passed over 3 times, background after 7.
+    let order = mixed_run(PerPriority([u32::MAX, 4, 8, 3, 7]), Priority::High).await;
     let first = &order[..200];
     let lows = first.iter().filter(|n| n.starts_with('l')).count();
     let backgrounds = first.iter().filter(|n| n.starts_with('b')).count();
@@ -138,9 +151,27 @@ async fn lower_priorities_get_their_configured_share_under_sustained_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_share_is_configurable_down_to_strict_priority() {
-    let order = mixed_run(PerPriority([u32::MAX; 5])).await;
-    // Strict: every critical task before any other.
+async fn critical_is_strictly_first_whatever_the_starvation_guard_owes() {
+    // The most eager guard there is (a turn after every pass) cannot put anything ahead of a
+    // queued critical task, and the turns it owes are not spent while critical work runs.
+    let order = mixed_run(PerPriority([u32::MAX, 1, 1, 1, 1]), Priority::Critical).await;
     let last_critical = order.iter().rposition(|n| n.starts_with('c')).unwrap();
-    assert_eq!(last_critical, 599);
+    assert_eq!(
+        last_critical,
+        599,
+        "non-critical tasks ran before critical ones: {:?}",
+        &order[..20]
+    );
+    // Once critical work is gone, low and background share by their guards again.
+    let rest = &order[600..];
+    assert_eq!(rest.len(), 200);
+    assert!(rest[..20].iter().any(|n| n.starts_with('b')), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_share_is_configurable_down_to_strict_priority() {
+    let order = mixed_run(PerPriority([u32::MAX; 5]), Priority::High).await;
+    // Strict: every high task before any other.
+    let last_high = order.iter().rposition(|n| n.starts_with('c')).unwrap();
+    assert_eq!(last_high, 599);
 }

@@ -425,18 +425,7 @@ fn troupe_only(s: Sizes) -> Vec<Table> {
     }
     out.push(t);
 
-    let mut t = Table::new(
-        "queue wait under saturation, p99",
-        "ms",
-        false,
-        "8 agents that each spend 1 ms per task get a burst of 4 000 tasks, uniform over the priorities: p99 time queued, per priority (runtime stats).",
-    );
-    let runs: Vec<Vec<f64>> = (0..r).map(|_| rt.block_on(saturated_wait())).collect();
-    for (i, p) in Priority::ALL.iter().enumerate() {
-        t.rows
-            .push((p.as_str().to_owned(), runs.iter().map(|v| v[i]).collect()));
-    }
-    out.push(t);
+    out.push(saturation_table(r));
 
     let mut t = Table::new(
         "I/O-bound pool, 928 agents × 20 ms",
@@ -496,7 +485,32 @@ impl troupe::Agent for Busy {
     }
 }
 
-async fn saturated_wait() -> Vec<f64> {
+/// Queue wait per priority under saturation, with the strict-priority ideal for critical.
+fn saturation_table(r: usize) -> Table {
+    let rt = peers::tokio_rt();
+    let mut t = Table::new(
+        "queue wait under saturation, p99",
+        "ms",
+        false,
+        "8 agents that each spend 1 ms per task get a burst of 4 000 tasks, uniform over the priorities: p99 time queued, per priority (runtime stats). The last row is the ideal for critical under strict priority: the same 800 critical tasks submitted alone, with nothing else queued.",
+    );
+    let runs: Vec<Vec<f64>> = (0..r)
+        .map(|_| rt.block_on(saturated_wait(&Priority::ALL)))
+        .collect();
+    for (i, p) in Priority::ALL.iter().enumerate() {
+        t.rows
+            .push((p.as_str().to_owned(), runs.iter().map(|v| v[i]).collect()));
+    }
+    let alone: Vec<f64> = (0..r)
+        .map(|_| rt.block_on(saturated_wait(&[Priority::Critical]))[0])
+        .collect();
+    t.rows.push(("critical alone (ideal)".to_owned(), alone));
+    t
+}
+
+/// Queue-wait p99 per priority after a burst of 800 tasks of each priority in `mix` (uniform),
+/// submitted at once to 8 agents that spend 1 ms per task.
+async fn saturated_wait(mix: &[Priority]) -> Vec<f64> {
     let c = troupe_bench::base_config().tier(troupe::TierConfig::new("busy").agents("busy", 8));
     let rt = troupe::Runtime::builder(c)
         .register("busy", |_: &troupe::AgentSpec| Busy)
@@ -504,9 +518,9 @@ async fn saturated_wait() -> Vec<f64> {
         .await
         .expect("pool starts");
     let mut handles = Vec::new();
-    for i in 0..4_000usize {
-        let task = troupe::Task::new("busy", bytes::Bytes::from_static(b"x"))
-            .priority(Priority::ALL[i % 5]);
+    for i in 0..800 * mix.len() {
+        let task =
+            troupe::Task::new("busy", bytes::Bytes::from_static(b"x")).priority(mix[i % mix.len()]);
         handles.push(rt.try_submit(task).expect("admitted"));
     }
     for h in handles {
@@ -514,9 +528,8 @@ async fn saturated_wait() -> Vec<f64> {
     }
     let stats = rt.stats();
     rt.shutdown().await;
-    Priority::ALL
-        .iter()
-        .map(|&p| stats.priority(p).queue_wait.p99_us as f64 / 1000.0)
+    mix.iter()
+        .map(|&p| stats.priority(p).queue_wait.p99_us / 1000.0)
         .collect()
 }
 
@@ -826,6 +839,13 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--rss") {
         let n = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(928);
         rss_child(n);
+        return;
+    }
+    if args.iter().any(|a| a == "--saturation") {
+        // Only the queue-wait table, printed: for before/after runs of a scheduling change.
+        let mut md = String::new();
+        table_md(&mut md, &saturation_table(9));
+        print!("{md}");
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");

@@ -16,8 +16,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use bytes::Bytes;
-//! use troupe::{Agent, AgentContext, Outcome, Priority, Runtime, RuntimeConfig, Task,
+//! use troupe::{Agent, AgentContext, Bytes, Outcome, Priority, Runtime, RuntimeConfig, Task,
 //!              TaskError, TaskRequest, TierConfig};
 //!
 //! /// Replies with the payload upper-cased, after "calling a model" for 20 ms.
@@ -35,7 +34,7 @@
 //! let config = RuntimeConfig::default()
 //!     .tier(TierConfig::new("workers").agents("shout", 8));
 //! let runtime = Runtime::builder(config)
-//!     .register("shout", |_spec: &troupe::AgentSpec| Shout)
+//!     .register("shout", |_spec| Shout)
 //!     .start()
 //!     .await?;
 //!
@@ -106,6 +105,9 @@ mod worker;
 pub use admission::QueueHealth;
 pub use agent::{Agent, AgentContext, AgentError, AgentFactory};
 pub use bus::{Bus, BusStats, Delivery, Message, MessageKind, PublishReport, Topic};
+/// The byte buffer of payloads and outputs (re-exported from the `bytes` crate, so embedders
+/// need not depend on it).
+pub use bytes::Bytes;
 pub use config::{
     AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, LivenessConfig,
     MailboxConfig, Overflow, QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig,

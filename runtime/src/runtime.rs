@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 
 use crate::admission::Admission;
-use crate::agent::AgentFactory;
+use crate::agent::{Agent, AgentFactory};
 use crate::bus::BusCore;
 use crate::config::RuntimeConfig;
 use crate::error::{ConfigError, StartError};
@@ -24,6 +24,7 @@ use crate::handle::{Core, Parts, RuntimeHandle};
 use crate::ids::AgentId;
 use crate::ledger::Ledger;
 use crate::phase::{Phase, Stage};
+use crate::pool::AgentSpec;
 use crate::pool::Pool;
 use crate::sandbox::jobs::LaneSpawnFn;
 use crate::sandbox::lanes::Sandbox;
@@ -67,8 +68,25 @@ impl RuntimeBuilder {
         }
     }
 
-    /// Registers the factory for agent kind `kind`. Registering a kind twice replaces it.
-    pub fn register<F: AgentFactory>(mut self, kind: impl Into<String>, factory: F) -> Self {
+    /// Registers how to build agents of kind `kind`: any `Fn(&AgentSpec) -> A`, closures
+    /// included (`.register("echo", |_spec| Echo)` needs no annotation). Registering a kind
+    /// twice replaces it. For a factory whose build can fail, see
+    /// [`register_factory`](Self::register_factory).
+    pub fn register<A, F>(self, kind: impl Into<String>, build: F) -> Self
+    where
+        A: Agent,
+        F: Fn(&AgentSpec) -> A + Send + Sync + 'static,
+    {
+        self.register_factory(kind, build)
+    }
+
+    /// Registers an [`AgentFactory`] for kind `kind`: a factory whose build may fail with an
+    /// [`AgentError`](crate::AgentError) (the start, or the restart, then fails with it).
+    pub fn register_factory<F: AgentFactory>(
+        mut self,
+        kind: impl Into<String>,
+        factory: F,
+    ) -> Self {
         let factory = Arc::new(factory);
         let f = factory.clone();
         let pool = Arc::new(move |core: Arc<Core>| -> SpawnFn {

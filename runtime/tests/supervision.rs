@@ -208,7 +208,7 @@ async fn a_failing_factory_is_a_start_error() {
     }
     let config = RuntimeConfig::default().tier(TierConfig::new("t").agents("s", 2));
     let err = troupe::Runtime::builder(config)
-        .register("s", Never)
+        .register_factory("s", Never)
         .start()
         .await
         .unwrap_err();

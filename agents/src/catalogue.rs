@@ -129,8 +129,10 @@ impl Catalogue {
 
     /// Parses and validates catalogue text.
     pub fn from_toml_str(text: &str) -> Result<Self, CatalogueError> {
-        let raw: RawCatalogue =
-            toml::from_str(text).map_err(|e| CatalogueError::Parse(e.to_string()))?;
+        let raw: RawCatalogue = troupe::parse_toml(text).map_err(|e| match e {
+            troupe::ConfigError::Invalid { field, reason } => invalid(field, reason),
+            other => CatalogueError::Parse(other.to_string()),
+        })?;
         let mut total: i64 = 0;
         let mut tiers = Vec::with_capacity(raw.tiers.len());
         // Tier names (empty, duplicate) are checked by the runtime's own validation below.

@@ -72,9 +72,18 @@ fn invalid_catalogues_are_refused_naming_the_field() {
         ),
         "invalid catalogue field `tiers[0].intensity.period`: must be above zero"
     );
+    // Unknown fields and wrong types name their path too.
     assert!(matches!(
         Catalogue::from_toml_str("[[tiers]]\nname = \"a\"\ncolour = \"red\""),
-        Err(CatalogueError::Parse(m)) if m.contains("colour")
+        Err(CatalogueError::Invalid { field, .. }) if field == "tiers[0].colour"
+    ));
+    assert!(matches!(
+        Catalogue::from_toml_str("[[tiers]]\nname = \"a\"\n[[tiers.agents]]\nkind = \"echo\"\ncount = \"two\""),
+        Err(CatalogueError::Invalid { field, .. }) if field == "tiers[0].agents[0].count"
+    ));
+    assert!(matches!(
+        Catalogue::from_toml_str("[[tiers]"),
+        Err(CatalogueError::Parse(_))
     ));
     assert!(matches!(
         Catalogue::from_file("/no/such/pool.toml"),

@@ -178,9 +178,16 @@ impl NodeConfig {
 
     /// Parses and checks config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, NodeConfigError> {
-        let config: NodeConfig = toml::from_str(text).map_err(|e| NodeConfigError::Parse {
-            path: origin.to_owned(),
-            reason: e.to_string(),
+        let config: NodeConfig = troupe::parse_toml(text).map_err(|e| match e {
+            troupe::ConfigError::Invalid { field, reason } => NodeConfigError::Invalid {
+                path: origin.to_owned(),
+                field,
+                reason,
+            },
+            other => NodeConfigError::Parse {
+                path: origin.to_owned(),
+                reason: other.to_string(),
+            },
         })?;
         if config.http.max_payload_bytes == 0 {
             return Err(NodeConfigError::Invalid {
@@ -259,4 +266,41 @@ fn default_worker_command() -> Vec<String> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "troupe".into());
     vec![exe, "sandbox-worker".into()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(text: &str) -> String {
+        match NodeConfig::parse(text, "node.toml") {
+            Err(NodeConfigError::Invalid { field, .. }) => field,
+            other => panic!("{text}: expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named_by_their_path() {
+        assert_eq!(field_of("[http]\nlisten = 5"), "http.listen");
+        assert_eq!(field_of("[http]\ncolour = 1"), "http.colour");
+        assert_eq!(
+            field_of("[runtime.queues]\ncapacity = { normal = \"ten\" }"),
+            "runtime.queues.capacity.normal"
+        );
+        let e = NodeConfig::parse("[http]\nlisten = 5", "node.toml").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("node.toml: invalid field `http.listen`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_partial_priority_table_keeps_the_other_defaults() {
+        let c =
+            NodeConfig::parse("[runtime.queues]\ncapacity = { normal = 10 }", "node.toml").unwrap();
+        let d = troupe::QueueConfig::default().capacity;
+        assert_eq!(c.runtime.queues.capacity.0[2], 10);
+        assert_eq!(c.runtime.queues.capacity.0[0], d.0[0]);
+    }
 }

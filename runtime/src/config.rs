@@ -83,13 +83,28 @@ impl Default for RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// Most tasks queued per priority (across all targets).
+    /// Most tasks queued per priority (across all targets). A partial table
+    /// (`capacity = { normal = 10 }`) keeps the defaults of the levels it leaves out.
+    #[serde(deserialize_with = "partial_capacity")]
     pub capacity: PerPriority<usize>,
     /// A non-empty level passed over this many times in a row by a non-critical pick takes
     /// the next one; so under sustained load it gets at least `1 / (limit + 1)` of the
     /// non-critical picks. `critical` is strict and never waits for a guard (its entry is
-    /// ignored).
+    /// ignored). A partial table keeps the defaults of the levels it leaves out.
+    #[serde(deserialize_with = "partial_starvation_limit")]
     pub starvation_limit: PerPriority<u32>,
+}
+
+fn partial_capacity<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<PerPriority<usize>, D::Error> {
+    PerPriority::deserialize_partial(d, &QueueConfig::default().capacity)
+}
+
+fn partial_starvation_limit<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<PerPriority<u32>, D::Error> {
+    PerPriority::deserialize_partial(d, &QueueConfig::default().starvation_limit)
 }
 
 impl Default for QueueConfig {
@@ -327,10 +342,11 @@ pub struct AgentGroupConfig {
 }
 
 impl RuntimeConfig {
-    /// Parses and validates TOML.
+    /// Parses and validates TOML. A value of the wrong type or an unknown field is
+    /// [`ConfigError::Invalid`] naming the field's path (`queues.capacity.normal`); only text
+    /// that is not TOML at all is [`ConfigError::Parse`].
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let config: RuntimeConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: RuntimeConfig = parse_toml(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -440,6 +456,27 @@ impl RuntimeConfig {
         }
         Ok(())
     }
+}
+
+/// Deserialises TOML text into `T`, naming the path of the field at fault in the error:
+/// a wrong type or an unknown field is [`ConfigError::Invalid`] with `field` set to the path
+/// (`queues.capacity.normal`, `tiers[0].agents[0].count`, `mailbox.colour`); text that is not
+/// TOML is [`ConfigError::Parse`] with the parser's line and column. Layers above the runtime
+/// (the node's config, the pool catalogue) use it for their own files.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let reason = inner.message().trim().to_owned();
+        // The path includes an unknown field's own name.
+        let field = if path == "." {
+            "(top level)".to_owned()
+        } else {
+            path
+        };
+        ConfigError::Invalid { field, reason }
+    })
 }
 
 fn check_period(field: &str, period: Duration) -> Result<(), ConfigError> {
@@ -570,13 +607,52 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_and_bad_types_are_parse_errors() {
-        let e = RuntimeConfig::from_toml_str("max_agent = 3").unwrap_err();
-        assert!(
-            matches!(e, ConfigError::Parse(ref m) if m.contains("max_agent")),
-            "{e}"
+    fn unknown_fields_and_bad_types_name_the_field_path() {
+        let field = |text: &str| match RuntimeConfig::from_toml_str(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{text}: expected a field error, got {other:?}"),
+        };
+        assert_eq!(field("max_agent = 3"), "max_agent");
+        assert_eq!(field("[mailbox]\ncapacity = \"big\""), "mailbox.capacity");
+        assert_eq!(
+            field("[queues]\ncapacity = { normal = \"ten\" }"),
+            "queues.capacity.normal"
+        );
+        assert_eq!(
+            field("[queues]\ncapacity = { urgent = 1 }"),
+            "queues.capacity.urgent"
+        );
+        assert_eq!(
+            field("[[tiers]]\nname = \"a\"\n[[tiers.agents]]\nkind = \"x\"\ncount = -1"),
+            "tiers[0].agents[0].count"
         );
         let e = RuntimeConfig::from_toml_str("[mailbox]\ncapacity = \"big\"").unwrap_err();
-        assert!(matches!(e, ConfigError::Parse(_)), "{e}");
+        assert!(e.to_string().contains("`mailbox.capacity`"), "{e}");
+        // Text that is not TOML at all still gets the parser's position.
+        assert!(matches!(
+            RuntimeConfig::from_toml_str("[mailbox"),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn partial_priority_tables_keep_the_defaults_they_leave_out() {
+        let c = RuntimeConfig::from_toml_str(
+            "[queues]\ncapacity = { normal = 10 }\nstarvation_limit = { low = 2 }",
+        )
+        .unwrap();
+        let d = QueueConfig::default();
+        assert_eq!(
+            c.queues.capacity.0,
+            [
+                d.capacity.0[0],
+                d.capacity.0[1],
+                10,
+                d.capacity.0[3],
+                d.capacity.0[4]
+            ]
+        );
+        assert_eq!(c.queues.starvation_limit.0[3], 2);
+        assert_eq!(c.queues.starvation_limit.0[4], d.starvation_limit.0[4]);
     }
 }

@@ -111,7 +111,7 @@ pub use bytes::Bytes;
 pub use config::{
     AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, LivenessConfig,
     MailboxConfig, Overflow, QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig,
-    TelemetryConfig, TierConfig,
+    TelemetryConfig, TierConfig, parse_toml,
 };
 pub use error::{BusError, ConfigError, Rejected, StartError, SubmitError};
 pub use events::{TaskEvent, TaskEventKind, TaskObserver};

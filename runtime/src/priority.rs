@@ -99,7 +99,8 @@ impl FromStr for Priority {
 /// One value per priority level, stored inline.
 ///
 /// Serialises as a table keyed by level name (`{ critical = 1, high = 2, ... }`) so configs read
-/// naturally; every level must be present.
+/// naturally. Plain deserialisation wants every level; config fields use
+/// [`PerPriority::deserialize_partial`], where left-out levels keep their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PerPriority<T>(pub [T; Priority::COUNT]);
 
@@ -168,6 +169,36 @@ impl<T: Serialize + Clone> Serialize for PerPriority<T> {
             background,
         }
         .serialize(s)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialRepr<T> {
+    critical: Option<T>,
+    high: Option<T>,
+    normal: Option<T>,
+    low: Option<T>,
+    background: Option<T>,
+}
+
+impl<T: Clone> PerPriority<T> {
+    /// Deserialises a table that may leave levels out; those keep their value in `defaults`.
+    /// (Config fields use it so `capacity = { normal = 10 }` changes one level only.)
+    pub fn deserialize_partial<'de, D>(d: D, defaults: &PerPriority<T>) -> Result<Self, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        let r = PartialRepr::<T>::deserialize(d)?;
+        let given = [r.critical, r.high, r.normal, r.low, r.background];
+        let mut out = defaults.clone();
+        for (slot, v) in out.0.iter_mut().zip(given) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        Ok(out)
     }
 }
 

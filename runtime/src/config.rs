@@ -182,12 +182,22 @@ pub struct TelemetryConfig {
     /// HDR latency histograms: queue wait, handler time, submit → outcome, bus delivery.
     /// Off, `stats()` percentiles and the `_seconds` histograms stay empty.
     pub latency_histograms: bool,
+    /// Report each caught agent panic as one `ERROR` tracing event (target `troupe::panic`:
+    /// fields `agent`, `task`, `panic`, `location`) instead of the default panic message on stderr. It
+    /// installs a process panic hook, once; panics outside agents still go to the previous
+    /// hook. Off, panics print as Rust prints them.
+    pub panic_hook: bool,
+    /// With `panic_hook`, add a backtrace to each event (captured at the panic; the first
+    /// capture loads the binary's debug info, which can cost tens of MB of memory).
+    pub panic_backtraces: bool,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             latency_histograms: true,
+            panic_hook: true,
+            panic_backtraces: false,
         }
     }
 }

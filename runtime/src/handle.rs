@@ -410,6 +410,7 @@ impl RuntimeHandle {
             ),
             bus: c.parts.bus.stats(),
             sandbox: c.parts.sandbox.stats(),
+            tiers: c.parts.supervision.tiers_stats(),
         }
     }
 }

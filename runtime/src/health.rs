@@ -12,7 +12,7 @@ use crate::bus::BusStats;
 use crate::ledger::{OutcomeCounts, PriorityStats};
 use crate::priority::Priority;
 use crate::sandbox::model::SandboxStats;
-use crate::supervisor::TierHealth;
+use crate::supervisor::{TierHealth, TierStats};
 use crate::telemetry::LatencySummary;
 
 /// Readiness and the state of the pool.
@@ -45,6 +45,8 @@ pub struct Stats {
     pub bus: BusStats,
     /// The tri-sandbox.
     pub sandbox: SandboxStats,
+    /// Supervision per tier, in start order: starts, restarts, escalations, start-up time.
+    pub tiers: Vec<TierStats>,
 }
 
 impl Stats {

@@ -77,6 +77,7 @@ pub struct ReadmeDoctests;
 mod bound;
 mod error;
 mod ids;
+mod panics;
 mod phase;
 mod priority;
 mod signal;
@@ -126,7 +127,7 @@ pub use runtime::{Runtime, RuntimeBuilder, ShutdownReport};
 pub use sandbox::{LaneStats, SandboxStats};
 pub use source::{SourceReport, SourcedTask, TaskSource};
 pub use supervisor::policy::{ExitReason, RestartPolicy, Strategy};
-pub use supervisor::{AgentCounts, TierHealth};
+pub use supervisor::{AgentCounts, TierHealth, TierStats};
 pub use task::{
     Outcome, OutcomeKind, RetryPolicy, Target, Task, TaskError, TaskHandle, TaskRequest,
 };

@@ -132,6 +132,9 @@ impl RuntimeBuilder {
             observers,
         } = self;
         config.validate()?;
+        if config.telemetry.panic_hook {
+            crate::panics::install(config.telemetry.panic_backtraces);
+        }
         for (i, k) in config.sandbox.kinds.iter().enumerate() {
             if !kinds.contains_key(&k.kind) {
                 return Err(ConfigError::UnknownKind {

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::agent::{Agent, AgentContext, AgentFactory};
 use crate::handle::{Core, RuntimeHandle};
+use crate::panics::{self, Guarded};
 use crate::pool::{AgentSlot, AgentSpec, AgentState, Liveness};
 use crate::sandbox::jobs::LaneJobs;
 use crate::sandbox::model::LaneResult;
@@ -55,18 +56,23 @@ pub(crate) async fn run<F: AgentFactory>(
     let mut spec = slot.spec().clone();
     spec.restarts = slot.restarts();
 
-    let mut agent = match std::panic::catch_unwind(AssertUnwindSafe(|| factory.build(&spec))) {
+    let mut agent = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+        panics::in_agent(index, || factory.build(&spec))
+    })) {
         Ok(Ok(agent)) => agent,
         Ok(Err(e)) => return ExitReason::StartFailed(e.to_string()),
         Err(p) => return ExitReason::Panicked(panic_message(p.as_ref())),
     };
-    match AssertUnwindSafe(agent.on_start(&ctx)).catch_unwind().await {
+    match AssertUnwindSafe(Guarded::new(agent.on_start(&ctx), index, 0))
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return ExitReason::StartFailed(e.to_string()),
         Err(p) => return ExitReason::Panicked(panic_message(p.as_ref())),
     }
     if let Some(cause) = &start.cause {
-        match AssertUnwindSafe(agent.on_restart(&ctx, cause))
+        match AssertUnwindSafe(Guarded::new(agent.on_restart(&ctx, cause), index, 0))
             .catch_unwind()
             .await
         {
@@ -88,7 +94,9 @@ pub(crate) async fn run<F: AgentFactory>(
     let exit = serve(&mut agent, &ctx, &core, slot, incarnation).await;
     if exit == ExitReason::Stopped {
         // A panicking stop hook still counts as a clean stop: the agent was leaving anyway.
-        let _ = AssertUnwindSafe(agent.on_stop(&ctx)).catch_unwind().await;
+        let _ = AssertUnwindSafe(Guarded::new(agent.on_stop(&ctx), index, 0))
+            .catch_unwind()
+            .await;
     }
     exit
 }
@@ -118,8 +126,12 @@ async fn serve<A: Agent>(
                 from = msg.from.map(|a| a.0)
             );
             crate::trace::adopt(&span, &msg.trace);
-            let handler =
-                AssertUnwindSafe(agent.on_message(msg, ctx).instrument(span)).catch_unwind();
+            let handler = AssertUnwindSafe(Guarded::new(
+                agent.on_message(msg, ctx).instrument(span),
+                index,
+                0,
+            ))
+            .catch_unwind();
             let cancel = CancelSignal { core, slot };
             let answer = tokio::select! {
                 biased;
@@ -210,6 +222,7 @@ async fn run_task<A: Agent>(
         }
         limit = Some(limit.map_or(deadline, |l| l.min(deadline)));
     }
+    let task_id = task.id.0;
     let request = TaskRequest {
         id: task.id,
         priority: p,
@@ -230,7 +243,12 @@ async fn run_task<A: Agent>(
     );
     let span_handle = span.clone();
     let ran = {
-        let handler = AssertUnwindSafe(agent.handle(request, ctx).instrument(span)).catch_unwind();
+        let handler = AssertUnwindSafe(Guarded::new(
+            agent.handle(request, ctx).instrument(span),
+            ctx.id().0,
+            task_id,
+        ))
+        .catch_unwind();
         let cancel = CancelSignal { core, slot };
         match limit {
             Some(limit) => {
@@ -335,9 +353,11 @@ pub(crate) async fn run_lane_instance<F: AgentFactory>(
             }
         }
         let Some(a) = agent.as_mut() else { continue };
+        let task_id = request.id.0;
         let ran = tokio::time::timeout(
             timeout,
-            AssertUnwindSafe(a.handle(request, &ctx)).catch_unwind(),
+            AssertUnwindSafe(Guarded::new(a.handle(request, &ctx), ctx.id().0, task_id))
+                .catch_unwind(),
         )
         .await;
         let result = match ran {
@@ -361,10 +381,15 @@ async fn build_for_lane<F: AgentFactory>(
     spec: &AgentSpec,
     ctx: &AgentContext,
 ) -> Result<F::Agent, String> {
-    let mut agent = std::panic::catch_unwind(AssertUnwindSafe(|| factory.build(spec)))
-        .map_err(|p| format!("factory panicked: {}", panic_message(p.as_ref())))?
-        .map_err(|e| format!("factory failed: {e}"))?;
-    match AssertUnwindSafe(agent.on_start(ctx)).catch_unwind().await {
+    let mut agent = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        panics::in_agent(spec.id.0, || factory.build(spec))
+    }))
+    .map_err(|p| format!("factory panicked: {}", panic_message(p.as_ref())))?
+    .map_err(|e| format!("factory failed: {e}"))?;
+    match AssertUnwindSafe(Guarded::new(agent.on_start(ctx), spec.id.0, 0))
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(())) => Ok(agent),
         Ok(Err(e)) => Err(format!("on_start failed: {e}")),
         Err(p) => Err(format!("on_start panicked: {}", panic_message(p.as_ref()))),

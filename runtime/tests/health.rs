@@ -77,17 +77,67 @@ async fn stats_give_exact_counts_and_ordered_percentiles_per_priority() {
             assert_eq!(l.count, 200);
             assert!(
                 l.p50_us <= l.p90_us
-                    && l.p90_us <= l.p99_us
+                    && l.p90_us <= l.p95_us
+                    && l.p95_us <= l.p99_us
                     && l.p99_us <= l.p999_us
                     && l.p999_us <= l.max_us,
                 "{l:?}"
             );
         }
-        // 10 of the 200 slept 5 ms: the p99 handler time sees them, the median does not.
+        // 10 of the 200 slept 5 ms (5 %): the p99 handler time sees them, the p95 and the
+        // median do not.
         assert!(ps.handler.p99_us >= 5_000.0, "{:?}", ps.handler);
+        assert!(ps.handler.p95_us < 5_000.0, "{:?}", ps.handler);
         assert!(ps.handler.p50_us < 5_000.0, "{:?}", ps.handler);
     }
     assert_eq!(s.latency.count, 1000);
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Supervision per tier: every agent started once, nothing restarted.
+    assert_eq!(s.tiers.len(), 6);
+    assert_eq!(s.tiers.iter().map(|t| t.starts).sum::<u64>(), 928);
+    assert!(
+        s.tiers
+            .iter()
+            .all(|t| t.restarts == 0 && t.escalations == 0)
+    );
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["tiers"][5]["name"], "micro");
+    assert!(json["latency"]["p95_us"].as_f64().is_some());
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_restarts_and_escalations_per_tier() {
+    let config = RuntimeConfig::default()
+        .tier(TierConfig::new("steady").agents("s", 2))
+        .tier(
+            TierConfig::new("fragile")
+                .agents("s", 1)
+                .intensity(1, Duration::from_secs(60)),
+        );
+    let (rt, _) = start(config).await;
+    let fragile = rt.health().tiers[1].name.clone();
+    assert_eq!(fragile, "fragile");
+    let agent = troupe::AgentId(2);
+    // First crash: restarted within the tier's intensity (wait for the new incarnation).
+    let _ = rt.try_submit(Task::new(agent, "panic")).unwrap().await;
+    assert!(common::eventually(Duration::from_secs(5), || rt.stats().tiers[1].starts == 2).await);
+    // Second crash within the period: past the intensity, so the tier escalates and the root
+    // restarts it.
+    let _ = rt.try_submit(Task::new(agent, "panic")).unwrap().await;
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            let t = &rt.stats().tiers[1];
+            t.escalations == 1 && t.starts == 3
+        })
+        .await,
+        "{:?}",
+        rt.stats().tiers[1]
+    );
+    let s = rt.stats();
+    assert_eq!((s.tiers[0].restarts, s.tiers[0].escalations), (0, 0));
+    // One restart within the intensity, then the second crash escalates and the root
+    // restarts the tier.
+    assert_eq!(s.tiers[1].escalations, 1, "{:?}", s.tiers[1]);
+    assert!(s.tiers[1].restarts >= 2, "{:?}", s.tiers[1]);
     rt.shutdown().await;
 }

@@ -98,6 +98,21 @@ pub struct TierHealth {
     pub startup: LatencySummary,
 }
 
+/// One tier's supervision counters, as [`Stats`](crate::Stats) reports them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierStats {
+    /// Tier name.
+    pub name: String,
+    /// Agent starts in the tier (first starts and restarts).
+    pub starts: u64,
+    /// Restarts performed by the tier's supervisor (and by the root for this tier).
+    pub restarts: u64,
+    /// Times the tier exceeded its restart intensity and escalated to the root.
+    pub escalations: u64,
+    /// Agent start-up time (build + hooks).
+    pub startup: LatencySummary,
+}
+
 /// The supervision tree's state, shared by the tier supervisors, the watchdog and the runtime.
 pub(crate) struct Supervision {
     pool: Arc<Pool>,
@@ -255,6 +270,25 @@ impl Supervision {
     /// Start-up times of tier `i`'s agents.
     pub(crate) fn startup(&self, i: usize) -> &LatencyHistogram {
         &self.tiers[i].startup
+    }
+
+    /// Every tier's counters, in start order.
+    pub(crate) fn tiers_stats(&self) -> Vec<TierStats> {
+        let mut starts = vec![0u64; self.tiers.len()];
+        for slot in self.pool.slots() {
+            starts[slot.tier()] += slot.starts();
+        }
+        self.tiers
+            .iter()
+            .zip(starts)
+            .map(|(t, starts)| TierStats {
+                name: t.config.name.clone(),
+                starts,
+                restarts: t.restarts.load(Ordering::Relaxed),
+                escalations: t.escalations.load(Ordering::Relaxed),
+                startup: t.startup.summary(),
+            })
+            .collect()
     }
 
     /// Every tier's picture, in start order.
@@ -472,12 +506,17 @@ impl TierSupervisor {
             return;
         }
         slot.set_state(AgentState::Restarting);
-        tracing::warn!(
-            agent = exit.index,
-            tier = %tier.config.name,
-            reason = %exit.reason,
-            "agent exited; restarting"
-        );
+        if matches!(exit.reason, ExitReason::Panicked(_)) {
+            // The panic itself was reported where it happened (see `panics`).
+            tracing::debug!(agent = exit.index, tier = %tier.config.name, "agent panicked; restarting");
+        } else {
+            tracing::warn!(
+                agent = exit.index,
+                tier = %tier.config.name,
+                reason = %exit.reason,
+                "agent exited; restarting"
+            );
+        }
 
         let now = Instant::now();
         let period = tier.config.intensity.period;

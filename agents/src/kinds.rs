@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use troupe::{
-    Agent, AgentContext, AgentError, AgentId, AgentSpec, Message, TaskError, TaskRequest,
+    Agent, AgentContext, AgentError, AgentSpec, Message, Recipients, TaskError, TaskRequest, Want,
 };
 
 /// Names of every built-in kind.
@@ -202,8 +202,8 @@ struct FanIn {
     replies: Vec<String>,
 }
 
-/// Fan-out / fan-in over the bus: asks every agent of a kind (or the first N) and gathers
-/// their replies.
+/// Fan-out / fan-in over the bus ([`troupe::Bus::fan_out`]): asks every agent of a kind (or
+/// the N least loaded) under one deadline and gathers their replies.
 #[derive(Debug)]
 pub struct Router {
     timeout: Duration,
@@ -225,38 +225,32 @@ impl Agent for Router {
         let (target, body) = text.split_once(':').ok_or_else(|| {
             TaskError::new("router: payload must be `kind:body` or `kind*N:body`")
         })?;
-        let (kind, limit) = match target.split_once('*') {
-            Some((k, n)) => (
-                k,
+        let want = match target.split_once('*') {
+            Some((_, n)) => Want::Any(
                 n.parse::<usize>()
                     .map_err(|_| TaskError::new(format!("router: `{n}` is not a count")))?,
             ),
-            None => (target, usize::MAX),
+            None => Want::All,
         };
-        let targets: Vec<AgentId> = ctx
-            .runtime()
-            .agents_with(kind)
-            .into_iter()
-            .filter(|&id| id != ctx.id())
-            .take(limit)
-            .collect();
-        if targets.is_empty() {
-            return Err(TaskError::new(format!(
-                "router: no agents with capability `{kind}`"
-            )));
-        }
-        let body = Bytes::copy_from_slice(body.as_bytes());
-        let asks = targets
-            .iter()
-            .map(|&id| ctx.bus().request(id, body.clone(), self.timeout));
-        let answers = futures_util::future::join_all(asks).await;
-        let replies: Vec<String> = answers
-            .into_iter()
-            .filter_map(Result::ok)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        let kind = target.split_once('*').map_or(target, |(k, _)| k);
+        // One request to each agent of the capability (or the N least loaded), one deadline;
+        // the bus never asks the router itself.
+        let out = ctx
+            .bus()
+            .fan_out(
+                Recipients::Capability(kind),
+                want,
+                Bytes::copy_from_slice(body.as_bytes()),
+                self.timeout,
+            )
+            .await
+            .map_err(|e| TaskError::new(format!("router: {e}")))?;
+        let replies: Vec<String> = out
+            .ok()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
             .collect();
         let fan_in = FanIn {
-            asked: targets.len(),
+            asked: out.asked(),
             replied: replies.len(),
             replies,
         };

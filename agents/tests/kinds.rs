@@ -47,7 +47,7 @@ async fn a_router_fans_out_to_100_agents_and_gathers_every_reply() {
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["replied"], 7);
     let out = rt.try_submit(Task::new("router", "ghost:x")).unwrap().await;
-    assert!(matches!(out, Outcome::Error(e) if e.0.contains("no agents with capability `ghost`")));
+    assert!(matches!(out, Outcome::Error(e) if e.0.contains("no agent has capability `ghost`")));
     rt.shutdown().await;
 }
 

@@ -34,7 +34,7 @@ fn bus(c: &mut Criterion) {
     });
 
     // Publish: one topic, 928 subscribers, `per_agent` publications then a fin.
-    let topic = bus.topic("bench");
+    let topic = bus.topic("bench").expect("topic");
     for a in 0..AGENTS as u32 {
         bus.subscribe("bench", AgentId(a)).expect("subscribe");
     }

@@ -133,6 +133,16 @@ impl From<BusError> for ApiError {
             BusError::Timeout { .. } | BusError::NoReply(_) => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_reply", message)
             }
+            BusError::InvalidTopic { .. } => ApiError::bad_request("invalid_topic", message),
+            BusError::TooManyTopics { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_topics", message)
+            }
+            BusError::NoSuchCapability(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_kind", message)
+            }
+            BusError::NoSubscribers(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "no_subscribers", message)
+            }
         }
     }
 }
@@ -443,12 +453,7 @@ async fn send_message(
     let bus = state.runtime.bus();
     let (delivered, dropped) = match (b.topic, b.agent) {
         (Some(topic), None) => {
-            if topic.is_empty() {
-                return Err(ApiError::bad_request(
-                    "invalid_topic",
-                    "`topic` must not be empty",
-                ));
-            }
+            // Invalid names (empty, too long, odd characters) are a 400 `invalid_topic`.
             let r = bus.publish(&topic, b.payload).await?;
             (r.delivered, r.dropped)
         }

@@ -304,8 +304,8 @@ impl Mix {
                         ),
                     ));
                 }
-                if b.topic.is_empty() {
-                    return Err(invalid("bus.topic", "must not be empty"));
+                if let Err(e) = troupe::Topic::validate_name(&b.topic) {
+                    return Err(invalid("bus.topic", e.to_string()));
                 }
                 (b.rate > 0.0).then(|| BusMix {
                     rate: b.rate,

@@ -186,7 +186,8 @@ impl Target {
             })
             .collect();
         let bus = runtime.bus();
-        let topic = mix.bus.as_ref().map(|b| bus.topic(&b.topic));
+        // The mix checked the name; a fresh pool has room for one topic.
+        let topic = mix.bus.as_ref().and_then(|b| bus.topic(&b.topic).ok());
         Target::Embedded(Embedded {
             agents: runtime.agent_count() as u32,
             bus,

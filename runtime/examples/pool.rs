@@ -172,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
     // Messages: half direct sends round-robin, half publications to all 928 agents.
     let bus = rt.bus();
     let agents = rt.agent_count() as u64;
-    let topic = bus.topic("tick");
+    let topic = bus.topic("tick")?;
     for a in 0..agents {
         bus.subscribe("tick", troupe::AgentId(a as u32))?;
     }

@@ -3,23 +3,39 @@
 //! Every agent has a bounded mailbox. What happens when it is full is the sender's choice, per
 //! send or per topic ([`Overflow`]): refuse with [`BusError::MailboxFull`], drop the new message
 //! and count it, or wait for room up to a timeout. Nothing on the send path takes a lock: a
-//! mailbox is a lock-free queue behind a [`Bound`](crate::bound::Bound), and a topic's
-//! subscriber list is an immutable snapshot swapped atomically when someone (un)subscribes.
+//! mailbox is a lock-free queue behind a [`Bound`](crate::bound::Bound); the topic registry and
+//! each topic's subscriber list are immutable snapshots swapped atomically when someone creates
+//! a topic or (un)subscribes, so a publication is two atomic loads and a hash lookup.
+//!
+//! Fan-out ([`Bus::fan_out`], [`Bus::request_all`], [`Bus::request_any`]) sends one request
+//! to every (or any `n`) agent with a capability, or to a topic's subscribers, under one
+//! deadline, and returns one [`Reply`] per agent asked — partial results when the deadline
+//! passes.
+//!
+//! Topics are bounded: names are 1–128 characters of `A-Z a-z 0-9 _ - . : /`, a registry holds
+//! at most `mailbox.max_topics`, publishing to a name nobody subscribes to creates nothing,
+//! and a topic is removed when its last subscriber leaves and no [`Topic`] handle holds it.
+//!
+//! During shutdown's drain the bus stays open to agents (they may finish conversations for the
+//! work they hold) and is closed to senders outside the pool; once the drain deadline passes it
+//! is closed to everyone.
 //!
 //! Messages carry a [`TraceContext`], so a trace can follow a conversation from agent to agent.
 //!
 //! The bus owns the mailboxes (one per pool agent, addressed by [`AgentId`]), the topics and
-//! its counters; it knows the pool only to wake the agent a message is for.
+//! its counters; it knows the pool to wake the agent a message is for and to find the agents
+//! of a capability.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::bound::Bound;
 pub use crate::config::Overflow;
@@ -75,8 +91,49 @@ pub struct Message {
     /// Trace context of the sender.
     pub trace: TraceContext,
     kind: MessageKind,
-    reply: Option<oneshot::Sender<Bytes>>,
+    reply: Option<ReplyTo>,
     sent_at: Instant,
+}
+
+/// Where the answer to a request goes.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    /// A single request's caller.
+    One(oneshot::Sender<Bytes>),
+    /// One recipient's place in a fan-out.
+    Fan(FanSlot),
+}
+
+impl ReplyTo {
+    /// Answers the request.
+    pub(crate) fn send(self, answer: Bytes) {
+        match self {
+            ReplyTo::One(tx) => {
+                let _ = tx.send(answer);
+            }
+            ReplyTo::Fan(mut slot) => {
+                slot.answered = true;
+                let _ = slot.tx.try_send((slot.index, Some(answer)));
+            }
+        }
+    }
+}
+
+/// A fan-out recipient's reply slot. Every slot sends exactly once into a channel sized for all
+/// of them, so the send never finds it full: the answer, or `None` when dropped unanswered.
+#[derive(Debug)]
+pub(crate) struct FanSlot {
+    tx: mpsc::Sender<(u32, Option<Bytes>)>,
+    index: u32,
+    answered: bool,
+}
+
+impl Drop for FanSlot {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.tx.try_send((self.index, None));
+        }
+    }
 }
 
 impl Message {
@@ -91,7 +148,7 @@ impl Message {
     }
 
     /// Takes the reply channel of a request (the receiving agent's loop answers it).
-    pub(crate) fn take_reply(&mut self) -> Option<oneshot::Sender<Bytes>> {
+    pub(crate) fn take_reply(&mut self) -> Option<ReplyTo> {
         self.reply.take()
     }
 }
@@ -114,6 +171,101 @@ pub struct PublishReport {
     pub dropped: usize,
 }
 
+/// Who a fan-out asks.
+#[derive(Debug, Clone, Copy)]
+pub enum Recipients<'a> {
+    /// Every agent that serves this capability (every kind is a capability).
+    Capability(&'a str),
+    /// Every current subscriber of this topic.
+    Topic(&'a str),
+    /// These agents.
+    Agents(&'a [AgentId]),
+}
+
+/// How many of the recipients a fan-out asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// All of them.
+    All,
+    /// At most `n` of them, those with the fewest messages waiting first (ties broken in
+    /// rotation, so repeated fan-outs spread over the recipients).
+    Any(usize),
+}
+
+/// One agent's answer to a fan-out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// It replied with these bytes.
+    Ok(Bytes),
+    /// It had not replied when the deadline passed.
+    Timeout,
+    /// It handled the request without replying, or was restarted while holding it.
+    NoReply,
+    /// The request never reached it: its mailbox was full, or the bus refused to send.
+    Refused(BusError),
+}
+
+impl Reply {
+    /// The reply, if there is one.
+    pub fn ok(&self) -> Option<&Bytes> {
+        match self {
+            Reply::Ok(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// What a fan-out gathered: one entry per agent asked, in the order they were asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FanOut {
+    /// Each agent asked and its answer.
+    pub replies: Vec<(AgentId, Reply)>,
+}
+
+impl FanOut {
+    /// The agents that replied, with their replies.
+    pub fn ok(&self) -> impl Iterator<Item = (AgentId, &Bytes)> {
+        self.replies
+            .iter()
+            .filter_map(|(a, r)| r.ok().map(|b| (*a, b)))
+    }
+
+    /// How many agents were asked.
+    pub fn asked(&self) -> usize {
+        self.replies.len()
+    }
+
+    /// How many replied.
+    pub fn replied(&self) -> usize {
+        self.ok().count()
+    }
+
+    /// True if every agent asked replied.
+    pub fn complete(&self) -> bool {
+        self.replies.iter().all(|(_, r)| matches!(r, Reply::Ok(_)))
+    }
+}
+
+/// Longest topic name, in bytes.
+pub const MAX_TOPIC_NAME: usize = 128;
+
+/// Why `name` cannot be a topic name, if it cannot.
+fn topic_name_error(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("must not be empty");
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return Some("is longer than 128 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+    {
+        return Some("may hold only A-Z a-z 0-9 _ - . : /");
+    }
+    None
+}
+
 /// Bus totals.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BusStats {
@@ -129,6 +281,8 @@ pub struct BusStats {
     pub dropped_no_such_agent: u64,
     /// Requests whose reply did not come in time.
     pub dropped_timeout: u64,
+    /// Topics in the registry now.
+    pub topics: usize,
     /// Send to handler start, over all kinds.
     pub delivery: LatencySummary,
 }
@@ -154,14 +308,20 @@ struct Mailbox {
     bound: Bound,
 }
 
+type Registry = HashMap<Arc<str>, Arc<TopicInner>>;
+
 /// The bus's state: one mailbox per pool agent, the topics, the counters.
 pub(crate) struct BusCore {
     mailboxes: Box<[Mailbox]>,
     pool: Arc<Pool>,
-    topics: DashMap<String, Arc<TopicInner>>,
+    /// Read by every publication, replaced whole when a topic is added or removed.
+    topics: ArcSwap<Registry>,
+    max_topics: usize,
     telemetry: BusTelemetry,
     default_overflow: Overflow,
     phase: Arc<Phase>,
+    /// Rotates the start of `Want::Any` picks.
+    rotation: AtomicUsize,
 }
 
 impl BusCore {
@@ -169,6 +329,7 @@ impl BusCore {
     pub(crate) fn new(
         pool: Arc<Pool>,
         capacity: usize,
+        max_topics: usize,
         default_overflow: Overflow,
         phase: Arc<Phase>,
         latency_histograms: bool,
@@ -181,7 +342,8 @@ impl BusCore {
                 })
                 .collect(),
             pool,
-            topics: DashMap::new(),
+            topics: ArcSwap::from_pointee(HashMap::new()),
+            max_topics,
             telemetry: BusTelemetry {
                 messages: std::array::from_fn(|_| StripedCounter::default()),
                 delivery: std::array::from_fn(|_| LatencyHistogram::new(latency_histograms)),
@@ -189,6 +351,84 @@ impl BusCore {
             },
             default_overflow,
             phase,
+            rotation: AtomicUsize::new(0),
+        }
+    }
+
+    /// True if a sender may send: agents until the drain deadline, outside callers until
+    /// shutdown begins.
+    #[inline]
+    fn open_to(&self, from: Option<AgentId>) -> bool {
+        if from.is_some() {
+            !self.phase.is_cancelling()
+        } else {
+            !self.phase.is_closed()
+        }
+    }
+
+    /// The topic named `name`, if it exists.
+    fn find_topic(&self, name: &str) -> Option<Arc<TopicInner>> {
+        self.topics.load().get(name).cloned()
+    }
+
+    /// The topic named `name`, created with `overflow` if it does not exist.
+    fn topic_or_create(&self, name: &str, overflow: Overflow) -> Result<Arc<TopicInner>, BusError> {
+        if let Some(t) = self.find_topic(name) {
+            return Ok(t);
+        }
+        if let Some(reason) = topic_name_error(name) {
+            return Err(BusError::InvalidTopic {
+                topic: name.chars().take(64).collect(),
+                reason,
+            });
+        }
+        let mut created: Option<Result<Arc<TopicInner>, BusError>> = None;
+        self.topics.rcu(|registry| {
+            created = None;
+            if let Some(t) = registry.get(name) {
+                created = Some(Ok(t.clone()));
+                return Arc::clone(registry);
+            }
+            if registry.len() >= self.max_topics {
+                created = Some(Err(BusError::TooManyTopics {
+                    limit: self.max_topics,
+                }));
+                return Arc::clone(registry);
+            }
+            let t = Arc::new(TopicInner {
+                name: Arc::from(name),
+                subscribers: ArcSwap::from_pointee(Vec::new()),
+                overflow,
+                retired: AtomicBool::new(false),
+            });
+            created = Some(Ok(t.clone()));
+            let mut next = Registry::clone(registry);
+            next.insert(t.name.clone(), t);
+            Arc::new(next)
+        });
+        created.unwrap_or(Err(BusError::TooManyTopics {
+            limit: self.max_topics,
+        }))
+    }
+
+    /// Removes `name` if nobody subscribes to it and nothing but the registry and `held`
+    /// references of the caller hold it.
+    fn retire_if_unused(&self, name: &str, held: usize) {
+        let mut removed: Option<Arc<TopicInner>> = None;
+        self.topics.rcu(|registry| {
+            removed = None;
+            match registry.get(name) {
+                Some(t) if t.subscribers.load().is_empty() && Arc::strong_count(t) == 1 + held => {
+                    removed = Some(t.clone());
+                    let mut next = Registry::clone(registry);
+                    next.remove(name);
+                    Arc::new(next)
+                }
+                _ => Arc::clone(registry),
+            }
+        });
+        if let Some(t) = removed {
+            t.retired.store(true, Ordering::Release);
         }
     }
 
@@ -238,6 +478,7 @@ impl BusCore {
             dropped_mailbox_full: self.dropped(MAILBOX_FULL),
             dropped_no_such_agent: self.dropped(NO_SUCH_AGENT),
             dropped_timeout: self.dropped(TIMED_OUT),
+            topics: self.topics.load().len(),
             delivery: LatencyHistogram::merged(&self.telemetry.delivery),
         }
     }
@@ -247,6 +488,8 @@ pub(crate) struct TopicInner {
     name: Arc<str>,
     subscribers: ArcSwap<Vec<u32>>,
     overflow: Overflow,
+    /// Set when the registry dropped it; a handle still holding it resolves the name again.
+    retired: AtomicBool,
 }
 
 /// A resolved topic. Publishing through it skips the name lookup; keep one for hot loops.
@@ -265,7 +508,28 @@ impl std::fmt::Debug for Topic {
     }
 }
 
+impl Drop for Topic {
+    fn drop(&mut self) {
+        // The last handle of a topic nobody subscribes to takes it out of the registry.
+        if !self.inner.retired.load(Ordering::Acquire) && self.inner.subscribers.load().is_empty() {
+            self.bus.core.retire_if_unused(&self.inner.name, 1);
+        }
+    }
+}
+
 impl Topic {
+    /// Checks `name` against the topic name rules (1–128 bytes of `A-Z a-z 0-9 _ - . : /`),
+    /// for callers that take topic names from users.
+    pub fn validate_name(name: &str) -> Result<(), BusError> {
+        match topic_name_error(name) {
+            None => Ok(()),
+            Some(reason) => Err(BusError::InvalidTopic {
+                topic: name.chars().take(64).collect(),
+                reason,
+            }),
+        }
+    }
+
     /// The topic's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -278,14 +542,34 @@ impl Topic {
 
     /// Publishes to every current subscriber with the topic's overflow policy.
     pub async fn publish(&self, payload: impl Into<Bytes>) -> Result<PublishReport, BusError> {
-        self.bus
-            .publish_inner(&self.inner, payload.into(), self.inner.overflow)
-            .await
+        let payload = payload.into();
+        match self.current() {
+            Some(t) => self.bus.publish_inner(&t, payload, t.overflow).await,
+            None => {
+                self.bus
+                    .publish_inner(&self.inner, payload, self.inner.overflow)
+                    .await
+            }
+        }
     }
 
     /// Publishes without ever waiting: a full mailbox counts as dropped even under `Wait`.
     pub fn try_publish(&self, payload: impl Into<Bytes>) -> Result<PublishReport, BusError> {
-        self.bus.try_publish_inner(&self.inner, payload.into())
+        let payload = payload.into();
+        match self.current() {
+            Some(t) => self.bus.try_publish_inner(&t, payload),
+            None => self.bus.try_publish_inner(&self.inner, payload),
+        }
+    }
+
+    /// The registry's topic of this name if this handle's was retired (and re-created since).
+    #[inline]
+    fn current(&self) -> Option<Arc<TopicInner>> {
+        if self.inner.retired.load(Ordering::Acquire) {
+            self.bus.core.find_topic(&self.inner.name)
+        } else {
+            None
+        }
     }
 }
 
@@ -320,10 +604,10 @@ impl Bus {
     }
 
     fn check_open(&self) -> Result<(), BusError> {
-        if self.core.phase.is_closed() {
-            Err(BusError::ShuttingDown)
-        } else {
+        if self.core.open_to(self.from) {
             Ok(())
+        } else {
+            Err(BusError::ShuttingDown)
         }
     }
 
@@ -384,7 +668,7 @@ impl Bus {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let mut msg = self.message(MessageKind::Request, None, payload);
-        msg.reply = Some(tx);
+        msg.reply = Some(ReplyTo::One(tx));
         let until = started + timeout;
         let policy = Overflow::Wait { timeout };
         match self.deliver(to, msg, policy).await? {
@@ -402,51 +686,57 @@ impl Bus {
     }
 
     /// Publishes to a topic by name with the topic's overflow policy. Publishing to a topic
-    /// nobody subscribes to delivers nothing and is not an error.
+    /// nobody subscribes to delivers nothing, creates nothing and is not an error; a name that
+    /// cannot be a topic is [`BusError::InvalidTopic`].
     pub async fn publish(
         &self,
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReport, BusError> {
-        let t = self.topic(topic);
-        let overflow = t.inner.overflow;
-        self.publish_inner(&t.inner, payload.into(), overflow).await
+        match self.core.find_topic(topic) {
+            Some(t) => {
+                let overflow = t.overflow;
+                self.publish_inner(&t, payload.into(), overflow).await
+            }
+            None => {
+                if let Some(reason) = topic_name_error(topic) {
+                    return Err(BusError::InvalidTopic {
+                        topic: topic.chars().take(64).collect(),
+                        reason,
+                    });
+                }
+                self.check_open()?;
+                Ok(PublishReport::default())
+            }
+        }
     }
 
-    /// Resolves (creating if needed) a topic with the default overflow policy.
-    pub fn topic(&self, name: &str) -> Topic {
+    /// Resolves (creating if needed) a topic with the default overflow policy. Keep the
+    /// handle for hot loops: publishing through it skips the name lookup.
+    pub fn topic(&self, name: &str) -> Result<Topic, BusError> {
         self.topic_with(name, self.core.default_overflow)
     }
 
     /// Resolves a topic, creating it with `overflow` as its policy if it does not exist yet
-    /// (an existing topic keeps the policy it was created with).
-    pub fn topic_with(&self, name: &str, overflow: Overflow) -> Topic {
-        let inner = if let Some(t) = self.core.topics.get(name) {
-            t.clone()
-        } else {
-            self.core
-                .topics
-                .entry(name.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(TopicInner {
-                        name: Arc::from(name),
-                        subscribers: ArcSwap::from_pointee(Vec::new()),
-                        overflow,
-                    })
-                })
-                .clone()
-        };
-        Topic {
+    /// (an existing topic keeps the policy it was created with). Refused with
+    /// [`BusError::InvalidTopic`] for a bad name and [`BusError::TooManyTopics`] when the
+    /// registry is full.
+    pub fn topic_with(&self, name: &str, overflow: Overflow) -> Result<Topic, BusError> {
+        let inner = self.core.topic_or_create(name, overflow)?;
+        Ok(Topic {
             inner,
             bus: self.clone(),
-        }
+        })
     }
 
-    /// Subscribes `agent` to `topic`. Subscribing twice is a no-op.
+    /// Subscribes `agent` to `topic` (created with the default policy if new). Subscribing
+    /// twice is a no-op.
     pub fn subscribe(&self, topic: &str, agent: AgentId) -> Result<(), BusError> {
         self.check_agent(agent)?;
-        let t = self.topic(topic);
-        t.inner.subscribers.rcu(|subs| {
+        let t = self
+            .core
+            .topic_or_create(topic, self.core.default_overflow)?;
+        t.subscribers.rcu(|subs| {
             let mut subs = Vec::clone(subs);
             if !subs.contains(&agent.0) {
                 subs.push(agent.0);
@@ -456,18 +746,206 @@ impl Bus {
         Ok(())
     }
 
-    /// Unsubscribes `agent` from `topic`. Unsubscribing a non-subscriber is a no-op.
+    /// Unsubscribes `agent` from `topic`. Unsubscribing a non-subscriber is a no-op. A topic
+    /// left without subscribers, and without handles, is removed.
     pub fn unsubscribe(&self, topic: &str, agent: AgentId) -> Result<(), BusError> {
         self.check_agent(agent)?;
-        if let Some(t) = self.core.topics.get(topic) {
-            t.subscribers.rcu(|subs| {
-                subs.iter()
-                    .copied()
-                    .filter(|&s| s != agent.0)
-                    .collect::<Vec<_>>()
+        let Some(t) = self.core.find_topic(topic) else {
+            return Ok(());
+        };
+        t.subscribers.rcu(|subs| {
+            subs.iter()
+                .copied()
+                .filter(|&s| s != agent.0)
+                .collect::<Vec<_>>()
+        });
+        drop(t);
+        self.core.retire_if_unused(topic, 0);
+        Ok(())
+    }
+
+    /// Sends one request to each agent of `to` (at most `n` of them with [`Want::Any`]) and
+    /// gathers their replies until every one has answered or `timeout` passes; one [`Reply`]
+    /// per agent asked, in the order asked. The sender itself is never asked. A full mailbox
+    /// refuses that agent's request at once ([`Reply::Refused`]); the others still go.
+    ///
+    /// Fails as a whole only when nobody can be asked: the capability or topic has no agents
+    /// (other than the sender), a name is invalid, or the bus is closed.
+    pub async fn fan_out(
+        &self,
+        to: Recipients<'_>,
+        want: Want,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<FanOut, BusError> {
+        use tracing::Instrument;
+        // One span for the whole conversation: each request carries its context, so every
+        // answering handler's span is its child.
+        let span = tracing::debug_span!(
+            "troupe.bus.fan_out",
+            timeout_ms = timeout.as_millis() as u64,
+            asked = tracing::field::Empty,
+            replied = tracing::field::Empty
+        );
+        let out = self
+            .fan_out_inner(to, want, payload.into(), timeout)
+            .instrument(span.clone())
+            .await;
+        if let Ok(out) = &out {
+            span.record("asked", out.asked());
+            span.record("replied", out.replied());
+        }
+        out
+    }
+
+    async fn fan_out_inner(
+        &self,
+        to: Recipients<'_>,
+        want: Want,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<FanOut, BusError> {
+        self.check_open()?;
+        let deadline = Instant::now() + timeout;
+        let me = self.from.map(|a| a.0);
+        let mut agents: Vec<u32> = match to {
+            Recipients::Capability(c) => self
+                .core
+                .pool
+                .members(c)
+                .ok_or_else(|| BusError::NoSuchCapability(c.to_owned()))?
+                .iter()
+                .copied()
+                .filter(|&a| Some(a) != me)
+                .collect(),
+            Recipients::Topic(name) => {
+                if let Some(reason) = topic_name_error(name) {
+                    return Err(BusError::InvalidTopic {
+                        topic: name.chars().take(64).collect(),
+                        reason,
+                    });
+                }
+                self.core
+                    .find_topic(name)
+                    .map(|t| {
+                        t.subscribers
+                            .load()
+                            .iter()
+                            .copied()
+                            .filter(|&a| Some(a) != me)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }
+            Recipients::Agents(ids) => ids.iter().map(|a| a.0).filter(|&a| Some(a) != me).collect(),
+        };
+        if let Want::Any(n) = want {
+            if n < agents.len() {
+                self.pick_least_loaded(&mut agents, n);
+            }
+        }
+        if agents.is_empty() {
+            return Err(match to {
+                Recipients::Capability(c) => BusError::NoSuchCapability(c.to_owned()),
+                Recipients::Topic(t) => BusError::NoSubscribers(t.to_owned()),
+                Recipients::Agents(_) => BusError::NoSuchAgent(AgentId(u32::MAX)),
             });
         }
-        Ok(())
+
+        let (tx, mut rx) = mpsc::channel(agents.len());
+        let mut replies: Vec<(AgentId, Option<Reply>)> =
+            agents.iter().map(|&a| (AgentId(a), None)).collect();
+        let mut waiting = 0usize;
+        for (i, &a) in agents.iter().enumerate() {
+            let mut msg = self.message(MessageKind::Request, None, payload.clone());
+            msg.reply = Some(ReplyTo::Fan(FanSlot {
+                tx: tx.clone(),
+                index: i as u32,
+                answered: false,
+            }));
+            match self.try_deliver(AgentId(a), msg, Overflow::Reject) {
+                Ok(_) => waiting += 1,
+                Err(e) => replies[i].1 = Some(Reply::Refused(e)),
+            }
+        }
+        drop(tx);
+        while waiting > 0 {
+            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                Ok(Some((i, answer))) => {
+                    let entry = &mut replies[i as usize].1;
+                    if entry.is_some() {
+                        // A refused request's slot reports itself when the message is dropped.
+                        continue;
+                    }
+                    waiting -= 1;
+                    *entry = Some(match answer {
+                        Some(b) => Reply::Ok(b),
+                        None => Reply::NoReply,
+                    });
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.core.telemetry.dropped[TIMED_OUT].increment(waiting as u64);
+                    break;
+                }
+            }
+        }
+        Ok(FanOut {
+            replies: replies
+                .into_iter()
+                .map(|(a, r)| (a, r.unwrap_or(Reply::Timeout)))
+                .collect(),
+        })
+    }
+
+    /// Asks every agent with `capability` (but the sender); see [`Bus::fan_out`].
+    pub async fn request_all(
+        &self,
+        capability: &str,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<FanOut, BusError> {
+        self.fan_out(
+            Recipients::Capability(capability),
+            Want::All,
+            payload,
+            timeout,
+        )
+        .await
+    }
+
+    /// Asks at most `n` agents with `capability`, the least loaded first; see
+    /// [`Bus::fan_out`].
+    pub async fn request_any(
+        &self,
+        capability: &str,
+        n: usize,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<FanOut, BusError> {
+        self.fan_out(
+            Recipients::Capability(capability),
+            Want::Any(n),
+            payload,
+            timeout,
+        )
+        .await
+    }
+
+    /// Keeps the `n` agents of `agents` with the fewest messages waiting, starting the scan at
+    /// a rotating offset so equal candidates take turns.
+    fn pick_least_loaded(&self, agents: &mut Vec<u32>, n: usize) {
+        let start = self.core.rotation.fetch_add(n, Ordering::Relaxed) % agents.len();
+        agents.rotate_left(start);
+        let load = |a: u32| {
+            self.core
+                .mailboxes
+                .get(a as usize)
+                .map_or(usize::MAX, |m| m.bound.len())
+        };
+        // Stable: among equally loaded agents the rotation order decides.
+        agents.sort_by_key(|&a| load(a));
+        agents.truncate(n);
     }
 
     fn check_agent(&self, agent: AgentId) -> Result<(), BusError> {

@@ -124,6 +124,9 @@ pub struct MailboxConfig {
     pub capacity: usize,
     /// What a send does when the mailbox is full, unless the send or topic says otherwise.
     pub overflow: Overflow,
+    /// Most topics the bus holds at once (a topic exists while it has subscribers or a
+    /// handle); creating one more is refused with `TooManyTopics`.
+    pub max_topics: usize,
 }
 
 impl Default for MailboxConfig {
@@ -131,6 +134,7 @@ impl Default for MailboxConfig {
         MailboxConfig {
             capacity: 1024,
             overflow: Overflow::Reject,
+            max_topics: 10_000,
         }
     }
 }
@@ -405,6 +409,12 @@ impl RuntimeConfig {
         if self.mailbox.capacity == 0 {
             return Err(ConfigError::invalid(
                 "mailbox.capacity",
+                "must be at least 1",
+            ));
+        }
+        if self.mailbox.max_topics == 0 {
+            return Err(ConfigError::invalid(
+                "mailbox.max_topics",
                 "must be at least 1",
             ));
         }

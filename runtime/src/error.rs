@@ -138,9 +138,30 @@ pub enum BusError {
     /// The recipient handled the request without replying (or was restarted while holding it).
     #[error("agent {0} did not reply")]
     NoReply(AgentId),
-    /// The runtime is shutting down.
+    /// The runtime is shutting down (closed to outside senders when the drain begins, to
+    /// agents when it ends).
     #[error("the runtime is shutting down")]
     ShuttingDown,
+    /// The name cannot be a topic name.
+    #[error("invalid topic name `{topic}`: {reason}")]
+    InvalidTopic {
+        /// The name (its first 64 characters).
+        topic: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The topic registry is full (`mailbox.max_topics`).
+    #[error("the bus already holds {limit} topics (`mailbox.max_topics`)")]
+    TooManyTopics {
+        /// The bound.
+        limit: usize,
+    },
+    /// A fan-out named a capability no agent (other than the sender) serves.
+    #[error("no agent has capability `{0}`")]
+    NoSuchCapability(String),
+    /// A fan-out to a topic found no subscriber (other than the sender).
+    #[error("topic `{0}` has no subscribers")]
+    NoSubscribers(String),
 }
 
 /// Errors starting a runtime.

@@ -105,7 +105,10 @@ mod worker;
 
 pub use admission::QueueHealth;
 pub use agent::{Agent, AgentContext, AgentError, AgentFactory};
-pub use bus::{Bus, BusStats, Delivery, Message, MessageKind, PublishReport, Topic};
+pub use bus::{
+    Bus, BusStats, Delivery, FanOut, MAX_TOPIC_NAME, Message, MessageKind, PublishReport,
+    Recipients, Reply, Topic, Want,
+};
 /// The byte buffer of payloads and outputs (re-exported from the `bytes` crate, so embedders
 /// need not depend on it).
 pub use bytes::Bytes;

@@ -166,6 +166,7 @@ impl RuntimeBuilder {
         let bus = Arc::new(BusCore::new(
             pool.clone(),
             config.mailbox.capacity,
+            config.mailbox.max_topics,
             config.mailbox.overflow,
             phase.clone(),
             latency,

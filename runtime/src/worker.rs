@@ -142,7 +142,7 @@ async fn serve<A: Agent>(
             match answer {
                 Ok(Some(answer)) => {
                     if let Some(tx) = reply {
-                        let _ = tx.send(answer);
+                        tx.send(answer);
                     }
                 }
                 Ok(None) => {}

@@ -162,15 +162,19 @@ pub fn publish(subscribers: usize, messages: u64, telemetry: bool) -> f64 {
     super::tokio_rt().block_on(async {
         let pool = start(subscribers, telemetry, |_| {}).await;
         let bus = pool.runtime.bus();
+        // Create the topic with its policy before subscribing (subscribing would create it
+        // with the default policy, which an existing topic keeps).
+        let topic = bus
+            .topic_with(
+                "t",
+                Overflow::Wait {
+                    timeout: Duration::from_secs(30),
+                },
+            )
+            .expect("topic");
         for a in 0..subscribers as u32 {
             bus.subscribe("t", AgentId(a)).expect("subscribe");
         }
-        let topic = bus.topic_with(
-            "t",
-            Overflow::Wait {
-                timeout: Duration::from_secs(30),
-            },
-        );
         let p = Bytes::from_static(b"m");
         let t = Instant::now();
         pool.done.arm(subscribers as u64);

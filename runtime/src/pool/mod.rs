@@ -30,6 +30,8 @@ pub(crate) struct Pool {
     /// Capability groups first, then one group per agent (at `capabilities + agent index`).
     groups: Box<[Arc<WorkGroup>]>,
     capability_index: HashMap<String, u32>,
+    /// The agents of each capability group, in start order (fan-out reads it).
+    members: Box<[Box<[u32]>]>,
     /// Origin of the millisecond clock used for agent deadlines.
     epoch: Instant,
 }
@@ -97,10 +99,17 @@ impl Pool {
         }
         // Own groups were pushed in agent order after the capability groups.
         debug_assert_eq!(groups.len(), capability_names.len() + slots.len());
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); capability_names.len()];
+        for slot in &slots {
+            for c in slot.spec().capabilities.iter() {
+                members[group_of(c)].push(slot.spec().id.0);
+            }
+        }
         let pool = Pool {
             slots: slots.into_boxed_slice(),
             groups: groups.into_boxed_slice(),
             capability_index,
+            members: members.into_iter().map(Vec::into_boxed_slice).collect(),
             epoch: Instant::now(),
         };
         (pool, children_per_tier)
@@ -190,11 +199,15 @@ impl Pool {
 
     /// Ids of the agents that serve `capability`, in start order.
     pub(crate) fn agents_with(&self, capability: &str) -> Vec<AgentId> {
-        self.slots
-            .iter()
-            .filter(|s| s.spec().capabilities.iter().any(|c| &**c == capability))
-            .map(|s| s.spec().id)
-            .collect()
+        self.members(capability)
+            .map(|m| m.iter().map(|&a| AgentId(a)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Indices of the agents that serve `capability`, in start order; `None` if no agent does.
+    pub(crate) fn members(&self, capability: &str) -> Option<&[u32]> {
+        let g = *self.capability_index.get(capability)?;
+        self.members.get(g as usize).map(|m| &m[..])
     }
 
     /// Parameters of the first agent group of `kind` in the config (empty if none).

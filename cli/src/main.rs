@@ -334,14 +334,17 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
             .context("HTTP server task")?
             .context("HTTP server")?;
         tracing::info!(
+            outstanding = report.outstanding,
+            admitted = report.admitted,
             drained = report.drained,
             cancelled = report.cancelled,
             abandoned = report.abandoned,
+            agents_left_running = report.agents_left_running,
             "troupe node stopped"
         );
         println!(
-            "stopped: drained {} cancelled {} abandoned {}",
-            report.drained, report.cancelled, report.abandoned
+            "stopped: drained {} cancelled {} abandoned {} (of {} outstanding + {} admitted during the drain)",
+            report.drained, report.cancelled, report.abandoned, report.outstanding, report.admitted
         );
         Ok::<(), anyhow::Error>(())
     })?;

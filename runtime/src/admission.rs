@@ -7,9 +7,12 @@
 //! memory it holds, never exceeds the configured capacities. A slot is held from admission until
 //! an agent picks the task up (or, for a sandboxed task, until its verdict).
 //!
-//! The gate: a submission enters it before its last phase check and leaves it after its task is
-//! queued. Shutdown closes the phase, then waits until as many have left as entered, so no task
-//! can slip into a queue after the drain has counted what is outstanding.
+//! The gates: a submission enters one before its last phase check and leaves it after its task is
+//! queued. There are two, because shutdown closes the runtime in two steps: to callers outside
+//! the pool when the drain begins (agents may still submit sub-tasks of the work they hold), and
+//! to agents when the drain deadline passes. At each step shutdown moves the phase, then waits
+//! until as many have left that side's gate as entered, so no task can slip into a queue after
+//! the step has counted what is outstanding or swept the queues.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,16 +37,25 @@ pub struct QueueHealth {
     pub capacity: usize,
 }
 
-/// Per-priority bounds plus the shutdown gate.
-pub(crate) struct Admission {
-    levels: [CachePadded<Bound>; Priority::COUNT],
-    phase: Arc<Phase>,
+/// One side's gate: submissions that entered and left.
+#[derive(Default)]
+struct Gate {
     entered: StripedCounter,
     left: StripedCounter,
 }
 
-/// A submission inside the gate; leaving it (drop) lets a waiting shutdown proceed.
-pub(crate) struct Pass<'a>(&'a Admission);
+/// Per-priority bounds plus the shutdown gates.
+pub(crate) struct Admission {
+    levels: [CachePadded<Bound>; Priority::COUNT],
+    phase: Arc<Phase>,
+    /// Callers outside the pool.
+    outside: Gate,
+    /// Agents (sub-tasks).
+    inside: Gate,
+}
+
+/// A submission inside a gate; leaving it (drop) lets a waiting shutdown proceed.
+pub(crate) struct Pass<'a>(&'a Gate);
 
 impl Drop for Pass<'_> {
     #[inline]
@@ -57,8 +69,8 @@ impl Admission {
         Admission {
             levels: std::array::from_fn(|i| CachePadded::new(Bound::new(capacity.0[i]))),
             phase,
-            entered: StripedCounter::default(),
-            left: StripedCounter::default(),
+            outside: Gate::default(),
+            inside: Gate::default(),
         }
     }
 
@@ -107,22 +119,38 @@ impl Admission {
         self.level(p).release();
     }
 
-    /// Enters the gate, or refuses with `ShuttingDown` if shutdown has begun.
+    /// Enters the gate of its side (`internal`: an agent's submission), or refuses with
+    /// `ShuttingDown` if that side is closed.
     #[inline]
-    pub(crate) fn enter(&self) -> Result<Pass<'_>, SubmitError> {
-        self.entered.increment(1);
-        let pass = Pass(self);
-        if self.phase.is_closed() {
+    pub(crate) fn enter(&self, internal: bool) -> Result<Pass<'_>, SubmitError> {
+        let gate = if internal {
+            &self.inside
+        } else {
+            &self.outside
+        };
+        gate.entered.increment(1);
+        let pass = Pass(gate);
+        if !self.phase.admits(internal) {
             return Err(SubmitError::ShuttingDown);
         }
         Ok(pass)
     }
 
-    /// Waits until every submission that entered the gate has left it.
-    pub(crate) async fn quiesce(&self) {
+    /// Waits until every submission that entered the gate of callers outside the pool has
+    /// left it.
+    pub(crate) async fn quiesce_outside(&self) {
+        Self::quiesce(&self.outside).await
+    }
+
+    /// Waits until every agent submission that entered its gate has left it.
+    pub(crate) async fn quiesce_inside(&self) {
+        Self::quiesce(&self.inside).await
+    }
+
+    async fn quiesce(gate: &Gate) {
         loop {
-            let left = self.left.get();
-            if self.entered.get() == left {
+            let left = gate.left.get();
+            if gate.entered.get() == left {
                 return;
             }
             tokio::task::yield_now().await;

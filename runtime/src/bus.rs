@@ -358,12 +358,8 @@ impl BusCore {
     /// True if a sender may send: agents until the drain deadline, outside callers until
     /// shutdown begins.
     #[inline]
-    fn open_to(&self, from: Option<AgentId>) -> bool {
-        if from.is_some() {
-            !self.phase.is_cancelling()
-        } else {
-            !self.phase.is_closed()
-        }
+    fn open_to(&self, internal: bool) -> bool {
+        self.phase.admits(internal)
     }
 
     /// The topic named `name`, if it exists.
@@ -578,6 +574,8 @@ impl Topic {
 pub struct Bus {
     core: Arc<BusCore>,
     from: Option<AgentId>,
+    /// Held by one of the runtime's own agents (open until the drain deadline).
+    internal: bool,
 }
 
 impl std::fmt::Debug for Bus {
@@ -587,8 +585,12 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    pub(crate) fn new(core: Arc<BusCore>, from: Option<AgentId>) -> Self {
-        Bus { core, from }
+    pub(crate) fn new(core: Arc<BusCore>, from: Option<AgentId>, internal: bool) -> Self {
+        Bus {
+            core,
+            from,
+            internal,
+        }
     }
 
     fn message(&self, kind: MessageKind, topic: Option<Arc<str>>, payload: Bytes) -> Message {
@@ -604,7 +606,7 @@ impl Bus {
     }
 
     fn check_open(&self) -> Result<(), BusError> {
-        if self.core.open_to(self.from) {
+        if self.core.open_to(self.internal) {
             Ok(())
         } else {
             Err(BusError::ShuttingDown)

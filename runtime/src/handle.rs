@@ -149,9 +149,9 @@ impl Core {
     }
 
     /// Checks `task` against the pool (or the sandbox) before any slot is reserved; the group
-    /// it will be queued on.
-    fn precheck(&self, task: &Task) -> Result<u32, SubmitError> {
-        if self.parts.phase.is_closed() {
+    /// it will be queued on. `internal`: submitted by an agent.
+    fn precheck(&self, task: &Task, internal: bool) -> Result<u32, SubmitError> {
+        if !self.parts.phase.admits(internal) {
             return Err(SubmitError::ShuttingDown);
         }
         if task.timeout == Some(Duration::ZERO) {
@@ -175,9 +175,9 @@ impl Core {
     }
 
     /// Admits a task whose queue slot is already reserved.
-    fn admit(&self, task: Task, group: u32) -> Result<TaskHandle, Rejected> {
+    fn admit(&self, task: Task, group: u32, internal: bool) -> Result<TaskHandle, Rejected> {
         let p = task.priority;
-        let _pass = match self.parts.admission.enter() {
+        let _pass = match self.parts.admission.enter(internal) {
             Ok(pass) => pass,
             Err(e) => {
                 self.parts.admission.release(p);
@@ -226,9 +226,15 @@ impl Core {
 }
 
 /// A cheap, cloneable handle to a running runtime.
+///
+/// A handle from an agent's context ([`AgentContext::runtime`](crate::AgentContext::runtime))
+/// is the agent's own: it may still submit sub-tasks while shutdown drains, when handles held
+/// outside the pool are refused with `ShuttingDown`.
 #[derive(Clone)]
 pub struct RuntimeHandle {
     core: Arc<Core>,
+    /// Held by an agent (or a sandbox lane instance) of this runtime.
+    internal: bool,
 }
 
 impl std::fmt::Debug for RuntimeHandle {
@@ -240,8 +246,20 @@ impl std::fmt::Debug for RuntimeHandle {
 }
 
 impl RuntimeHandle {
+    /// A handle for callers outside the pool.
     pub(crate) fn new(core: Arc<Core>) -> Self {
-        RuntimeHandle { core }
+        RuntimeHandle {
+            core,
+            internal: false,
+        }
+    }
+
+    /// A handle for the runtime's own agents.
+    pub(crate) fn internal(core: Arc<Core>) -> Self {
+        RuntimeHandle {
+            core,
+            internal: true,
+        }
     }
 
     /// The core, for the runtime's own modules above it (the agent loop, shutdown, export).
@@ -256,20 +274,20 @@ impl RuntimeHandle {
     #[inline]
     pub fn try_submit(&self, task: Task) -> Result<TaskHandle, Rejected> {
         let c = &self.core;
-        let group = match c.precheck(&task) {
+        let group = match c.precheck(&task, self.internal) {
             Ok(g) => g,
             Err(e) => return Err(c.reject(task, e)),
         };
         if let Err(e) = c.parts.admission.try_reserve(task.priority) {
             return Err(c.reject(task, e));
         }
-        c.admit(task, group)
+        c.admit(task, group, self.internal)
     }
 
     /// Submits a task, waiting up to `max_wait` for room in its priority's queue.
     pub async fn submit(&self, task: Task, max_wait: Duration) -> Result<TaskHandle, Rejected> {
         let c = &self.core;
-        let group = match c.precheck(&task) {
+        let group = match c.precheck(&task, self.internal) {
             Ok(g) => g,
             Err(e) => return Err(c.reject(task, e)),
         };
@@ -281,7 +299,7 @@ impl RuntimeHandle {
         {
             return Err(c.reject(task, e));
         }
-        c.admit(task, group)
+        c.admit(task, group, self.internal)
     }
 
     /// Runs `task` in the tri-sandbox and returns the verdict: the output two lanes agreed on
@@ -295,7 +313,7 @@ impl RuntimeHandle {
             c.parts.ledger.rejected(priority, &e);
             SandboxError::Rejected(e)
         };
-        c.precheck(&task).map_err(rejected)?;
+        c.precheck(&task, self.internal).map_err(rejected)?;
         let lanes = c
             .parts
             .sandbox
@@ -303,7 +321,7 @@ impl RuntimeHandle {
             .ok_or_else(|| rejected(SubmitError::Invalid("not a sandbox kind".into())))?;
         c.parts.admission.try_reserve(priority).map_err(rejected)?;
         let answer = {
-            let _pass = match c.parts.admission.enter() {
+            let _pass = match c.parts.admission.enter(self.internal) {
                 Ok(pass) => pass,
                 Err(e) => {
                     c.parts.admission.release(priority);
@@ -341,14 +359,15 @@ impl RuntimeHandle {
         self.core.parts.sandbox.clone()
     }
 
-    /// The message bus, sending from outside the pool.
+    /// The message bus, sending from outside the pool (or, from an agent's handle,
+    /// anonymously but as one of the runtime's own).
     pub fn bus(&self) -> Bus {
         self.bus_as(None)
     }
 
     /// The bus, sending as `from`.
     pub(crate) fn bus_as(&self, from: Option<AgentId>) -> Bus {
-        Bus::new(self.core.parts.bus.clone(), from)
+        Bus::new(self.core.parts.bus.clone(), from, self.internal)
     }
 
     /// Ids of the agents of `kind`, in start order.

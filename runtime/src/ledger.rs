@@ -207,13 +207,24 @@ impl Ledger {
 
     /// Tasks accepted and not yet finished (queued, running, or waiting to retry).
     pub(crate) fn outstanding(&self) -> u64 {
-        let done: u64 = Priority::ALL
+        // Finished first: every task finished by the time of the second read was accepted
+        // before it, so the difference never goes below the truth's floor.
+        let done = self.finished_total();
+        self.accepted_total().saturating_sub(done)
+    }
+
+    /// Tasks accepted, over all priorities.
+    pub(crate) fn accepted_total(&self) -> u64 {
+        Priority::ALL.iter().map(|&p| self.submitted(p)).sum()
+    }
+
+    /// Tasks finished (any outcome), over all priorities.
+    pub(crate) fn finished_total(&self) -> u64 {
+        Priority::ALL
             .iter()
             .flat_map(|&p| self.completed[p].iter())
             .map(StripedCounter::get)
-            .sum();
-        let accepted: u64 = Priority::ALL.iter().map(|&p| self.submitted(p)).sum();
-        accepted.saturating_sub(done)
+            .sum()
     }
 
     /// Queue wait per attempt at `p`.

@@ -1,5 +1,6 @@
 //! The runtime's lifecycle phase, read by every part that must behave differently once shutdown
-//! begins: admission refuses, the bus refuses, agents cancel the work in hand.
+//! begins: admission and the bus refuse callers outside the pool while the drain runs, and
+//! everyone once it ends; agents cancel the work in hand.
 //!
 //! One atomic, written only by the runtime's shutdown, so reading it costs a load.
 
@@ -33,10 +34,18 @@ impl Phase {
         self.0.store(stage as u8, Ordering::SeqCst);
     }
 
-    /// True once shutdown has begun (admission closed).
+    /// True once shutdown has begun (closed to callers outside the pool).
     #[inline]
     pub(crate) fn is_closed(&self) -> bool {
         self.0.load(Ordering::SeqCst) != Stage::Running as u8
+    }
+
+    /// True if work from this side may still come in: callers outside the pool until the
+    /// drain begins, agents (`internal`) until it ends.
+    #[inline]
+    pub(crate) fn admits(&self, internal: bool) -> bool {
+        let stage = self.0.load(Ordering::SeqCst);
+        stage == Stage::Running as u8 || (internal && stage == Stage::Draining as u8)
     }
 
     /// True once shutdown has given up draining and cancels what is left.

@@ -259,16 +259,28 @@ impl Deref for Runtime {
     }
 }
 
-/// What a shutdown did.
+/// What a shutdown did. The buckets add up, always:
+/// `drained + cancelled + abandoned == outstanding + admitted`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ShutdownReport {
-    /// Tasks that finished during the drain.
+    /// Tasks without an outcome when shutdown began (queued, running or waiting to retry).
+    pub outstanding: u64,
+    /// Sub-tasks agents submitted during the drain (drained and counted like the rest).
+    pub admitted: u64,
+    /// Tasks that ended on their own during shutdown, with whatever outcome their handler
+    /// gave (ok, error, timeout, panic).
     pub drained: u64,
-    /// Tasks cancelled after the drain deadline.
+    /// Tasks answered `cancelled` after the drain deadline: still queued, or running in a
+    /// handler that yielded to the cancellation.
     pub cancelled: u64,
-    /// Tasks still without an outcome when shutdown gave up (handlers that ignore
-    /// cancellation by never yielding). Zero for cooperative handlers.
+    /// Tasks whose handler still held its thread when shutdown gave up on it
+    /// (`shutdown.stop_timeout` after the drain deadline): each was answered `cancelled` then,
+    /// its thread was left behind, and its late result is discarded. (A sandboxed task whose
+    /// unifier cannot run at all is counted here too, without an outcome yet.)
     pub abandoned: u64,
+    /// Agents that had not stopped when shutdown returned: their handlers never gave their
+    /// threads back. Zero for cooperative handlers.
+    pub agents_left_running: u64,
     /// Time the whole shutdown took.
     #[serde(with = "humantime_serde")]
     pub took: Duration,
@@ -291,53 +303,90 @@ impl Runtime {
         self.shutdown_with(drain).await
     }
 
-    /// Graceful shutdown:
+    /// Graceful shutdown, in three steps, each with a deadline:
     ///
-    /// 1. stop admitting (submissions fail with `ShuttingDown`);
-    /// 2. let queued and in-flight tasks finish, for up to `drain`;
-    /// 3. cancel the rest: running handlers are dropped and every remaining task ends with
-    ///    outcome `cancelled`;
-    /// 4. stop agents in reverse start order (tiers in reverse, agents in reverse within each).
+    /// 1. **Drain**, up to `drain`: callers outside the pool are refused (`ShuttingDown`);
+    ///    agents keep working, and may still talk over the bus and submit sub-tasks of the
+    ///    work they hold (those count in [`ShutdownReport::admitted`]). It ends early once no
+    ///    task is outstanding.
+    /// 2. **Cancel**, up to `shutdown.stop_timeout`: everyone is refused; queued tasks are
+    ///    answered `cancelled`, running handlers are dropped at their next `.await` and their
+    ///    tasks answered `cancelled`. A handler that still holds its thread when this step ends
+    ///    is abandoned: its task is answered `cancelled` anyway and its thread left behind.
+    /// 3. **Stop**, up to `shutdown.stop_timeout`: agents stop in reverse start order (tiers in
+    ///    reverse, agents in reverse within each) and run `on_stop`.
     ///
-    /// Afterwards every accepted task has exactly one outcome.
+    /// So it returns within `drain + 2 × stop_timeout` (plus scheduling), whatever handlers do,
+    /// as long as the Tokio runtime it runs on has a free thread to run it; afterwards every
+    /// accepted task has exactly one outcome, except sandboxed tasks whose unifier could not
+    /// run (counted as abandoned).
     pub async fn shutdown_with(self, drain: Duration) -> ShutdownReport {
         let c = self.handle.core();
         let ledger = c.ledger();
+        let stop_timeout = c.config().shutdown.stop_timeout;
         let began = Instant::now();
+
+        // Each snapshot reads finished counts before accepted ones (and cancelled before
+        // finished at the end), so every difference below is non-negative and the buckets add
+        // up exactly; see the report's doc.
         c.phase().enter(Stage::Draining);
-        // Wait until no submission is between its phase check and its push.
-        c.admission().quiesce().await;
-        let before = ledger.outstanding();
-        let deadline = began + drain;
-        while ledger.outstanding() > 0 && Instant::now() < deadline {
+        // Wait until no outside submission is between its phase check and its push.
+        c.admission().quiesce_outside().await;
+        let finished0 = ledger.finished_total();
+        let accepted0 = ledger.accepted_total();
+        let drain_end = began + drain;
+        while ledger.outstanding() > 0 && Instant::now() < drain_end {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let drained = before - ledger.outstanding();
 
-        let cancelled_before = ledger.completed_total(OutcomeKind::Cancelled);
         c.phase().enter(Stage::Cancelling);
+        c.admission().quiesce_inside().await;
+        let finished1 = ledger.finished_total();
+        let cancelled1 = ledger.completed_total(OutcomeKind::Cancelled);
         c.sandbox().cancel_pending();
         c.pool().wake_all();
         // Agents cancel what they hold and pick; sweep the queues too, for groups whose agents
         // are down (a failed tier) and for retries that land late.
-        let hard = Instant::now() + Duration::from_secs(5).max(drain);
-        while ledger.outstanding() > 0 && Instant::now() < hard {
+        let cancel_end = Instant::now() + stop_timeout;
+        loop {
             c.pool().sweep(|task| {
                 c.admission().release(task.priority);
                 ledger.finish(task, Outcome::Cancelled);
             });
+            if ledger.outstanding() == 0 || Instant::now() >= cancel_end {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let abandoned = ledger.outstanding();
-        let cancelled = ledger.completed_total(OutcomeKind::Cancelled) - cancelled_before;
+        let seized = c.pool().seize_running(|task| {
+            tracing::error!(
+                task = task.id.0,
+                "shutdown: a handler still holds its thread past the cancel deadline; \
+                 answering its task `cancelled` and leaving the thread behind"
+            );
+            ledger.finish(task, Outcome::Cancelled);
+        });
+        let cancelled2 = ledger.completed_total(OutcomeKind::Cancelled);
+        let finished2 = ledger.finished_total();
+        let accepted2 = ledger.accepted_total();
 
-        c.supervision().stop_all().await;
-        c.sandbox().shutdown().await;
+        let stop_end = Instant::now() + stop_timeout;
+        c.supervision().stop_all(stop_end).await;
+        let _ = tokio::time::timeout_at(stop_end.into(), c.sandbox().shutdown()).await;
         c.phase().enter(Stage::Stopped);
+
+        // Saturating only as a guard: the read order makes every difference non-negative.
+        let cancelled_in_cancel = cancelled2.saturating_sub(cancelled1);
         ShutdownReport {
-            drained,
-            cancelled,
-            abandoned,
+            outstanding: accepted0.saturating_sub(finished0),
+            admitted: accepted2.saturating_sub(accepted0),
+            drained: finished1.saturating_sub(finished0)
+                + finished2
+                    .saturating_sub(finished1)
+                    .saturating_sub(cancelled_in_cancel),
+            cancelled: cancelled_in_cancel.saturating_sub(seized),
+            abandoned: seized + accepted2.saturating_sub(finished2),
+            agents_left_running: c.pool().not_stopped(),
             took: began.elapsed(),
         }
     }

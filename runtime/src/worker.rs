@@ -52,7 +52,7 @@ pub(crate) async fn run<F: AgentFactory>(
     let incarnation = slot.next_incarnation();
     slot.set_liveness(Liveness::Healthy);
     let began = Instant::now();
-    let ctx = AgentContext::for_agent(RuntimeHandle::new(core.clone()), slot.spec());
+    let ctx = AgentContext::for_agent(RuntimeHandle::internal(core.clone()), slot.spec());
     let mut spec = slot.spec().clone();
     spec.restarts = slot.restarts();
 
@@ -331,7 +331,7 @@ pub(crate) async fn run_lane_instance<F: AgentFactory>(
     let Some(core) = runtime.upgrade() else {
         return;
     };
-    let ctx = AgentContext::for_lane(RuntimeHandle::new(core), w.id, w.kind.clone(), w.lane);
+    let ctx = AgentContext::for_lane(RuntimeHandle::internal(core), w.id, w.kind.clone(), w.lane);
     let spec = AgentSpec {
         id: w.id,
         kind: w.kind.clone(),

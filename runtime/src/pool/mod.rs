@@ -181,6 +181,27 @@ impl Pool {
         }
     }
 
+    /// Takes the running task away from every agent that still holds one (shutdown gives up on
+    /// handlers that would not give their thread back); the number taken.
+    pub(crate) fn seize_running(&self, mut each: impl FnMut(QueuedTask)) -> u64 {
+        let mut n = 0;
+        for slot in self.slots.iter() {
+            if let Some(task) = slot.seize_task() {
+                n += 1;
+                each(task);
+            }
+        }
+        n
+    }
+
+    /// Agents not stopped (a handler that never gave its thread back keeps its agent running).
+    pub(crate) fn not_stopped(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter(|s| s.state() != crate::pool::AgentState::Stopped)
+            .count() as u64
+    }
+
     /// Wakes every agent, even mid-handler (shutdown's cancel phase).
     pub(crate) fn wake_all(&self) {
         for slot in self.slots.iter() {

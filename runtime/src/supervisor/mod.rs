@@ -210,14 +210,23 @@ impl Supervision {
         self.tiers[tier].startup.record(nanos);
     }
 
-    /// Stops every tier, in reverse start order, each stopping its agents in reverse.
-    pub(crate) async fn stop_all(&self) {
+    /// Stops every tier, in reverse start order, each stopping its agents in reverse; waits for
+    /// each tier until `deadline`, after which the remaining tiers are told to stop without
+    /// waiting (an agent whose handler never gives its thread back holds its tier up).
+    pub(crate) async fn stop_all(&self, deadline: Instant) {
         for tier in self.tiers.iter().rev() {
             let control = tier.control.lock().ok().and_then(|mut c| c.take());
             if let Some(control) = control {
                 let (ack, done) = oneshot::channel();
-                if control.send(Control::Stop(ack)).is_ok() {
-                    let _ = done.await;
+                if control.send(Control::Stop(ack)).is_ok()
+                    && tokio::time::timeout_at(deadline.into(), done)
+                        .await
+                        .is_err()
+                {
+                    tracing::error!(
+                        tier = %tier.config.name,
+                        "tier did not stop by the shutdown deadline; leaving it behind"
+                    );
                 }
             }
         }
@@ -633,20 +642,36 @@ impl TierSupervisor {
             slot.set_state(AgentState::Stopped);
             return;
         }
-        let mut deadline = Some(Instant::now() + sup.stop_timeout);
+        let mut deadline = Instant::now() + sup.stop_timeout;
+        let mut killed = false;
         loop {
-            let exit = match deadline {
-                Some(d) => match tokio::time::timeout_at(d.into(), self.exits.recv()).await {
-                    Ok(exit) => exit,
-                    Err(_) => {
-                        // It is still busy with a task: cancel that task and keep waiting.
-                        tracing::warn!(agent = index, "stop timeout passed; cancelling its work");
-                        slot.kill();
-                        deadline = None;
-                        continue;
-                    }
-                },
-                None => self.exits.recv().await,
+            let exit = match tokio::time::timeout_at(deadline.into(), self.exits.recv()).await {
+                Ok(exit) => exit,
+                Err(_) if !killed => {
+                    // It is still busy with a task: cancel that task and wait once more.
+                    tracing::warn!(agent = index, "stop timeout passed; cancelling its work");
+                    slot.kill();
+                    killed = true;
+                    deadline = Instant::now() + sup.stop_timeout;
+                    continue;
+                }
+                Err(_) if !sup.phase.is_closed() => {
+                    // A sibling restart: the slot must not get a second incarnation while this
+                    // one still runs, so wait for it (the watchdog answers its task).
+                    deadline = Instant::now() + Duration::from_secs(3600);
+                    continue;
+                }
+                Err(_) => {
+                    // Shutdown, and cancelling did not reach it: its handler holds its thread.
+                    // Leave it (its late exit is ignored as stale) rather than hold up its
+                    // siblings and the shutdown deadline.
+                    tracing::error!(
+                        agent = index,
+                        "agent did not stop after its work was cancelled; leaving it behind"
+                    );
+                    self.alive[pos] = false;
+                    return;
+                }
             };
             let Some(exit) = exit else { break };
             if exit.index == index && exit.generation == generation {

@@ -346,10 +346,23 @@ fn sigterm_drains_tasks_in_flight_and_exits_zero() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // SIGTERM once all 40 are accepted (the node's own counters say so).
+    let accepted = |node: &Node| {
+        node.get("/stats").json()["priorities"]
+            .as_array()
+            .map_or(0, |ps| {
+                ps.iter()
+                    .map(|p| p["submitted"].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            })
+    };
+    assert!(
+        wait_for(|| accepted(&node) == 40),
+        "the 40 requests were not all accepted"
+    );
     node.signal_term();
     // While it drains it is not ready, and says why; new work is refused with 503.
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_for(|| node.get("/health/ready").status == 503));
     let r = node.get("/health/ready");
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["reasons"][0], "shutting down");
@@ -374,6 +387,18 @@ fn sigterm_drains_tasks_in_flight_and_exits_zero() {
         out.contains("stopped: drained 40 cancelled 0 abandoned 0"),
         "{out}"
     );
+}
+
+/// Polls `f` every 5 ms for up to 10 s.
+fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f()
 }
 
 #[test]

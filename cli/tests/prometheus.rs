@@ -422,8 +422,26 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
         "the load had successes and failures: {t:?}"
     );
     assert!(report.bus.accepted > 0);
-    // A few more scrapes and rule evaluations after the last request.
-    std::thread::sleep(Duration::from_secs(3));
+    // Three more scrapes after the last request (so rates and rules see the whole load):
+    // wait until Prometheus's newest sample of the node is that much younger than the load.
+    let load_end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let newest_scrape = || {
+        query(prom, "max(timestamp(up{job=\"troupe\"}))")["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let waited = std::time::Instant::now();
+    while newest_scrape() < load_end + 3.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "Prometheus stopped scraping the node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let mut names = BTreeSet::new();
     let mut failures = Vec::new();

@@ -84,7 +84,19 @@ async fn an_open_loop_run_accounts_for_every_request_and_agrees_with_the_runtime
     ));
     target.check(&mix).await.unwrap();
     // Let the check's hang time out and its panicking agent restart before counting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = || {
+        let h = runtime.health();
+        h.outstanding == 0 && h.tiers.iter().all(|t| t.agents.running == t.agents.total())
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while !settled() && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        settled(),
+        "the check's tasks never settled: {:?}",
+        runtime.health()
+    );
     let before = runtime.stats();
 
     let settings = Settings {

@@ -26,8 +26,9 @@ async fn submissions_racing_a_shutdown_are_refused_or_answered_never_stranded() 
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Shut down while the submitters are mid-flight (some tasks accepted, more coming).
     let probe = rt.handle();
+    assert!(common::eventually(Duration::from_secs(10), || probe.stats().submitted() >= 100).await);
     let report = rt.shutdown_with(Duration::from_millis(20)).await;
 
     let mut accepted = 0u64;

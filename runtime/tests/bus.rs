@@ -91,7 +91,7 @@ async fn a_full_mailbox_rejects_drops_or_waits_as_asked() {
     let bus = rt.bus();
     // The agent is busy for 150 ms and reads no mail meanwhile.
     let busy = rt.try_submit(Task::new("s", "sleep:150")).unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    common::picked(&rt).await;
     assert_eq!(bus.send(AgentId(0), "m1").await, Ok(Delivery::Delivered));
     assert_eq!(bus.send(AgentId(0), "m2").await, Ok(Delivery::Delivered));
     let full = BusError::MailboxFull {
@@ -132,7 +132,7 @@ async fn a_full_mailbox_rejects_drops_or_waits_as_asked() {
     let topic = bus.topic_with("t", Overflow::DropNewest).unwrap();
     bus.subscribe("t", AgentId(0)).unwrap();
     let busy = rt.try_submit(Task::new("s", "sleep:50")).unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    common::picked(&rt).await;
     let mut dropped = 0;
     for _ in 0..5 {
         dropped += topic.publish("x").await.unwrap().dropped;

@@ -85,9 +85,19 @@ async fn no_task_is_lost_or_answered_twice_under_chaos() {
             tokio::task::yield_now().await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let accepted = handles.len() as u64;
+    // Let the load reach every outcome before shutting down (without guessing how long that
+    // takes on this machine).
     let probe = rt.handle();
+    assert!(
+        common::eventually(Duration::from_secs(30), || {
+            let c = probe.stats().completed();
+            c.panic > 0 && c.timeout > 0 && c.error > 0
+        })
+        .await,
+        "the chaos load never produced every outcome: {:?}",
+        probe.stats().completed()
+    );
+    let accepted = handles.len() as u64;
     let report = match tokio::time::timeout(
         Duration::from_secs(30),
         rt.shutdown_with(Duration::from_millis(500)),

@@ -1,7 +1,9 @@
 //! The liveness watchdog: a handler that blocks its thread past its deadline is marked
 //! unhealthy, its task ends as `timeout`, and its supervisor replaces the agent.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use troupe::{
@@ -9,14 +11,18 @@ use troupe::{
     Task, TaskError, TaskRequest, TierConfig,
 };
 
-/// `block:MS` blocks the thread (no await point, so its timeout cannot fire); else echoes.
-struct Blocker;
+/// `block` blocks the thread (no await point, so its timeout cannot fire) until the test
+/// releases it, and counts its return; else echoes.
+struct Blocker {
+    gate: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
+    returned: Arc<AtomicUsize>,
+}
 
 impl Agent for Blocker {
     async fn handle(&mut self, task: TaskRequest, _: &AgentContext) -> Result<Bytes, TaskError> {
-        if let Some(ms) = task.payload.strip_prefix(b"block:") {
-            let ms: u64 = std::str::from_utf8(ms).unwrap().parse().unwrap();
-            std::thread::sleep(Duration::from_millis(ms));
+        if &task.payload[..] == b"block" {
+            let _ = self.gate.lock().unwrap().recv();
+            self.returned.fetch_add(1, Ordering::SeqCst);
         }
         Ok(task.payload)
     }
@@ -26,51 +32,59 @@ impl Agent for Blocker {
 async fn a_handler_stuck_past_its_deadline_is_timed_out_and_its_agent_replaced() {
     let mut config = RuntimeConfig::default().tier(TierConfig::new("t").agents("b", 2));
     config.liveness.heartbeat = Duration::from_millis(100);
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(std::sync::Mutex::new(gate));
+    let returned = Arc::new(AtomicUsize::new(0));
+    let r = returned.clone();
     let rt = Runtime::builder(config)
-        .register("b", |_: &AgentSpec| Blocker)
+        .register("b", move |_: &AgentSpec| Blocker {
+            gate: gate.clone(),
+            returned: r.clone(),
+        })
         .start()
         .await
         .unwrap();
     let exporter = MetricsExporter::new(&rt.handle());
-    let t = Instant::now();
     let stuck = rt
-        .try_submit(Task::new(AgentId(0), "block:2000").timeout(Duration::from_millis(50)))
+        .try_submit(Task::new(AgentId(0), "block").timeout(Duration::from_millis(50)))
         .unwrap();
     // Warning after 2 heartbeats past the deadline: health and the gauge show it.
-    let (mut in_health, mut in_metrics) = (false, false);
-    while t.elapsed() < Duration::from_millis(600) && !in_metrics {
-        if rt.health().tiers[0].unhealthy == 1 {
-            in_health = true;
-            in_metrics = exporter
+    let shown = |rt: &Runtime| {
+        rt.health().tiers[0].unhealthy == 1
+            && exporter
                 .render()
                 .lines()
-                .any(|l| l == "troupe_agents_unhealthy{tier=\"t\"} 1");
+                .any(|l| l == "troupe_agents_unhealthy{tier=\"t\"} 1")
+    };
+    let mut seen = false;
+    for _ in 0..20_000 {
+        if shown(&rt) {
+            seen = true;
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    assert!(in_health, "health never showed the agent unhealthy");
-    assert!(in_metrics, "troupe_agents_unhealthy never showed it");
-    // At 3 heartbeats the task is answered, long before the handler would return.
-    assert_eq!(stuck.await, Outcome::Timeout);
-    let answered = t.elapsed();
     assert!(
-        answered < Duration::from_millis(1000),
-        "answered after {answered:?}"
+        seen,
+        "health and troupe_agents_unhealthy never showed the agent"
     );
+    // At 3 heartbeats the task is answered, while the handler still blocks its thread.
+    assert_eq!(stuck.await, Outcome::Timeout);
+    assert_eq!(returned.load(Ordering::SeqCst), 0);
     // The supervisor put a fresh instance in the slot: agent 0 serves again while the old
     // incarnation's thread is still blocked.
     let out = rt.try_submit(Task::new(AgentId(0), "again")).unwrap().await;
     assert_eq!(out, Outcome::Ok(Bytes::from("again")));
-    assert!(
-        t.elapsed() < Duration::from_millis(1900),
-        "{:?}",
-        t.elapsed()
-    );
+    assert_eq!(returned.load(Ordering::SeqCst), 0);
     let h = rt.health();
     assert_eq!(h.tiers[0].restarts, 1);
     assert_eq!(h.tiers[0].agents.running, 2);
     // The late return of the abandoned incarnation changes nothing.
-    tokio::time::sleep(Duration::from_millis(1700)).await;
+    release.send(()).unwrap();
+    assert!(
+        common_eventually(|| returned.load(Ordering::SeqCst) == 1).await,
+        "the blocked handler returned"
+    );
     assert_eq!(rt.stats().completed().timeout, 1);
     assert_eq!(rt.health().tiers[0].restarts, 1);
     assert!(
@@ -81,4 +95,14 @@ async fn a_handler_stuck_past_its_deadline_is_timed_out_and_its_agent_replaced()
     );
     let report = rt.shutdown().await;
     assert_eq!(report.abandoned, 0);
+}
+
+async fn common_eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..20_000 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    f()
 }

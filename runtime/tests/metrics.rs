@@ -108,7 +108,7 @@ async fn every_catalogue_metric_is_exported_and_agrees_with_the_workload() {
     let busy = rt
         .try_submit(Task::new(AgentId(4), "sleep:50").priority(Priority::Background))
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    common::picked(&rt).await;
     let queued = rt
         .try_submit(Task::new(AgentId(4), "ok").priority(Priority::Background))
         .unwrap();

@@ -29,7 +29,7 @@ async fn past_the_drain_deadline_the_rest_is_cancelled() {
     let running: Vec<_> = (0..2)
         .map(|_| rt.try_submit(Task::new("s", "hang")).unwrap())
         .collect();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    common::picked(&rt).await;
     let queued: Vec<_> = (0..10)
         .map(|_| rt.try_submit(Task::new("s", "x")).unwrap())
         .collect();
@@ -52,7 +52,7 @@ async fn admission_closes_and_agents_stop_in_reverse_start_order() {
     let handle = rt.handle();
     let slow = rt.try_submit(Task::new("s", "sleep:50")).unwrap();
     let stopping = tokio::spawn(rt.shutdown());
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(common::eventually(Duration::from_secs(5), || !handle.health().ready).await);
     let r = handle.try_submit(Task::new("s", "late")).unwrap_err();
     assert_eq!(r.error, SubmitError::ShuttingDown);
     let r = handle
@@ -221,22 +221,12 @@ mod drain_rules {
         (rt, release)
     }
 
-    /// Waits until agent `a` has taken its task out of the queue.
-    async fn picked(rt: &Runtime) {
-        assert!(
-            crate::common::eventually(Duration::from_secs(5), || {
-                rt.health().queues.iter().all(|q| q.depth == 0)
-            })
-            .await
-        );
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_handler_that_never_gives_its_thread_back_is_abandoned_by_the_deadline() {
         let (rt, release) = stubborn(Duration::from_millis(200)).await;
         let blocked = rt.try_submit(Task::new(AgentId(0), "block")).unwrap();
         let hung = rt.try_submit(Task::new(AgentId(1), "hang")).unwrap();
-        picked(&rt).await;
+        crate::common::picked(&rt).await;
         let queued: Vec<_> = (0..3)
             .map(|_| rt.try_submit(Task::new(AgentId(1), "x")).unwrap())
             .collect();
@@ -271,7 +261,7 @@ mod drain_rules {
      {
         let (rt, _release) = stubborn(Duration::from_secs(5)).await;
         let slow = rt.try_submit(Task::new(AgentId(0), "ms:300")).unwrap();
-        picked(&rt).await;
+        crate::common::picked(&rt).await;
         let report = rt.shutdown_with(Duration::from_millis(20)).await;
         adds_up(&report);
         assert_eq!(

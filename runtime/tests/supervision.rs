@@ -249,7 +249,7 @@ async fn a_sibling_stuck_in_a_task_is_cancelled_after_the_stop_timeout() {
     let stuck = rt
         .try_submit(Task::new(AgentId(0), "hang").timeout(Duration::from_secs(3600)))
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    common::picked(&rt).await;
     let t = Instant::now();
     crash(&rt, 1).await;
     // Agent 0 is stopped for the group restart; its endless task is cancelled, not waited for.

@@ -72,7 +72,7 @@ async fn retries_run_again_and_report_the_last_attempt() {
 async fn a_deadline_passed_in_the_queue_times_out_without_running() {
     let (rt, _) = start(pool(1)).await;
     let blocker = rt.try_submit(Task::new("s", "sleep:60")).unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    common::picked(&rt).await;
     let late = rt
         .try_submit(Task::new("s", "x").deadline(Instant::now() + Duration::from_millis(10)))
         .unwrap();
@@ -152,7 +152,7 @@ async fn submit_waits_for_room_up_to_its_limit() {
     config.queues.capacity = troupe::PerPriority([1, 1, 1, 1, 1]);
     let (rt, _) = start(config).await;
     let first = rt.try_submit(Task::new("s", "sleep:50")).unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    common::picked(&rt).await;
     let second = rt.try_submit(Task::new("s", "sleep:50")).unwrap(); // fills the queue
     // Too short a wait: refused with the queue's state.
     let r = rt

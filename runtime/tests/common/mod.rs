@@ -147,6 +147,19 @@ impl Count {
     }
 }
 
+/// Waits until every queued task has been taken by an agent (the queues are empty): the way
+/// to know a task is in a handler without guessing a sleep. Panics after 10 s.
+pub async fn picked(rt: &troupe::RuntimeHandle) {
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            rt.health().queues.iter().all(|q| q.depth == 0)
+        })
+        .await,
+        "tasks stayed queued: {:?}",
+        rt.health().queues
+    );
+}
+
 /// Polls `f` every millisecond until it holds or `limit` passes.
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + limit;

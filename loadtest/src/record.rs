@@ -28,15 +28,19 @@ pub enum RejectReason {
     Invalid,
     /// The load generator itself had `--max-in-flight` requests outstanding and did not send.
     InFlightLimit,
+    /// The node shed the request before admission: it was past its sustainable load
+    /// (HTTP 429 `overloaded`).
+    Overloaded,
 }
 
 impl RejectReason {
     /// Every reason, in report order.
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::QueueFull,
         RejectReason::ShuttingDown,
         RejectReason::Invalid,
         RejectReason::InFlightLimit,
+        RejectReason::Overloaded,
     ];
 
     /// The report label.
@@ -46,7 +50,14 @@ impl RejectReason {
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::Invalid => "invalid",
             RejectReason::InFlightLimit => "in_flight_limit",
+            RejectReason::Overloaded => "overloaded",
         }
+    }
+
+    /// True for a refusal the client caused (a bad request), false for one the service did
+    /// (overload, shutdown, or this tester's own in-flight cap standing in for either).
+    pub const fn is_client_mistake(self) -> bool {
+        matches!(self, RejectReason::Invalid)
     }
 }
 
@@ -161,10 +172,33 @@ impl Outcomes {
         self.ok + self.error + self.timeout + self.panic + self.cancelled
     }
 
-    /// Error, timeout and panic (what the availability objective counts as bad), plus failed
-    /// HTTP exchanges: the client got no answer, which is no better.
+    /// Refusals of the client's own mistakes (invalid requests).
+    pub fn refused_invalid(&self) -> u64 {
+        self.rejected_by_reason
+            .get(RejectReason::Invalid.as_str())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Refusals for overload or shutdown: queue full, shutting down, shed by the node, or held
+    /// back by this tester's in-flight cap. The work was asked for and not done.
+    pub fn refused_overload(&self) -> u64 {
+        self.rejected - self.refused_invalid()
+    }
+
+    /// What the availability objective counts as bad: error, timeout and panic, every refusal
+    /// for overload or shutdown, and failed HTTP exchanges (the client got no answer, which is
+    /// no better).
     pub fn bad(&self) -> u64 {
-        self.error + self.timeout + self.panic + self.transport_error
+        self.error + self.timeout + self.panic + self.transport_error + self.refused_overload()
+    }
+
+    /// What the availability objective judges: everything offered but cancellations (only at
+    /// shutdown) and refusals of invalid requests (the client's mistake).
+    pub fn judged(&self) -> u64 {
+        self.offered
+            .saturating_sub(self.cancelled)
+            .saturating_sub(self.refused_invalid())
     }
 }
 

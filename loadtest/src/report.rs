@@ -286,7 +286,7 @@ impl Report {
             Mode::Open { rate } => rate,
             Mode::Closed { .. } => o.offered as f64 / secs,
         };
-        let judged = o.offered.saturating_sub(o.cancelled);
+        let judged = o.judged();
         let tasks = TaskSummary {
             outcomes: o.clone(),
             unfinished: out.unfinished as u64,
@@ -645,6 +645,28 @@ pub fn render_text(r: &Report) -> String {
     pct_row(&mut out, "all", &r.latency.overall);
     for p in &r.latency.by_priority {
         pct_row(&mut out, p.priority.as_str(), &p.latency);
+    }
+    // Refused requests have no latency, so the percentiles above cannot show them: say how
+    // many there were, right here, and that they count against availability.
+    let o = &t.outcomes;
+    if o.rejected > 0 {
+        let share = |n: u64| 100.0 * n as f64 / o.offered.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "  {:<26} {:>9} ({:.2}% of offered; no latency, counted bad in availability)",
+            "refused (overload)",
+            o.refused_overload(),
+            share(o.refused_overload())
+        );
+        if o.refused_invalid() > 0 {
+            let _ = writeln!(
+                out,
+                "  {:<26} {:>9} ({:.2}% of offered; the client's mistake, not judged)",
+                "refused (invalid)",
+                o.refused_invalid(),
+                share(o.refused_invalid())
+            );
+        }
     }
     let _ = writeln!(out, "\nby entry");
     for e in &r.entries {

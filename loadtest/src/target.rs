@@ -150,6 +150,14 @@ fn class_of_submit_error(e: &SubmitError) -> Class {
     })
 }
 
+/// How a refusal with `status` (and the JSON body's `error` code, if read) classifies.
+fn class_of_refusal(status: u16, code: Option<&str>) -> Class {
+    match (status, code) {
+        (429 | 503, Some("overloaded")) => Class::Rejected(RejectReason::Overloaded),
+        _ => class_of_status(status),
+    }
+}
+
 fn class_of_status(status: u16) -> Class {
     match status {
         429 => Class::Rejected(RejectReason::QueueFull),
@@ -449,6 +457,12 @@ impl Embedded {
     }
 }
 
+/// The node's JSON error body.
+#[derive(Deserialize)]
+struct ErrorReply {
+    error: String,
+}
+
 impl Http {
     fn post(&self, path: &str, body: Bytes) -> reqwest::RequestBuilder {
         let mut req = self
@@ -473,7 +487,16 @@ impl Http {
         };
         let status = resp.status().as_u16();
         if status != 200 {
-            return class_of_status(status);
+            let code = match status {
+                429 | 503 => resp
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ErrorReply>(&b).ok())
+                    .map(|e| e.error),
+                _ => None,
+            };
+            return class_of_refusal(status, code.as_deref());
         }
         match resp
             .bytes()

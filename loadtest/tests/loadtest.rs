@@ -150,9 +150,10 @@ async fn an_open_loop_run_accounts_for_every_request_and_agrees_with_the_runtime
     };
     assert_eq!(rejected(&after) - rejected(&before), t.rejected);
 
-    // Latency exists for what ran, and the error ratio is what the counts say.
+    // Latency exists for what ran, and the error ratio is what the counts say: overload
+    // refusals (here queue_full) are bad, not good.
     assert_eq!(report.latency.overall.count, t.offered - t.rejected);
-    let ratio = (t.error + t.timeout + t.panic) as f64 / t.offered as f64;
+    let ratio = (t.error + t.timeout + t.panic + t.rejected) as f64 / t.offered as f64;
     assert!((report.tasks.error_ratio - ratio).abs() < 1e-12);
     assert!(!report.slo.pass, "half the io tasks fail: far over 0.1 %");
 
@@ -160,6 +161,50 @@ async fn an_open_loop_run_accounts_for_every_request_and_agrees_with_the_runtime
     assert_eq!(report.bus.offered, 4000);
     assert!(report.bus.accepted > 3900, "{:?}", report.bus);
     runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_every_request_is_refused_fails() {
+    // A pool that refuses everything (it is shutting down) must not pass as "100 % available".
+    let catalogue = Catalogue::from_toml_str(SMALL_POOL).unwrap();
+    let runtime = troupe_agents::builder(&catalogue, RuntimeConfig::default())
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    runtime.shutdown().await;
+    let mix = Mix::from_toml_str("[[task]]\nkind = \"echo\"\nshare = 1\n").unwrap();
+    let target = Arc::new(Target::new_embedded(handle, &mix, Duration::from_secs(1)));
+    let settings = Settings {
+        mix: mix.clone(),
+        policy: builtin_policy(),
+        policy_source: "built-in".into(),
+        plan: Plan {
+            mode: Mode::Open { rate: 200.0 },
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            bus_rate: 0.0,
+            max_in_flight: 1_000,
+            drain: Duration::from_secs(5),
+            progress: Progress::Quiet,
+        },
+    };
+    let report = run_once(target, &settings).await;
+    let t = &report.tasks.outcomes;
+    assert_eq!(t.offered, 200);
+    assert_eq!(t.rejected, t.offered, "{t:?}");
+    assert_eq!(t.rejected_by_reason.get("shutting_down"), Some(&200));
+    assert_eq!(report.tasks.error_ratio, 1.0);
+    assert!(!report.slo.pass, "a run that refuses everything must fail");
+    let availability = report
+        .slo
+        .checks
+        .iter()
+        .find(|c| c.name == "availability")
+        .expect("the availability check");
+    assert_eq!(availability.measured, Some(100.0));
+    let text = troupe_loadtest::report::render_text(&report);
+    assert!(text.contains("refused (overload)"), "{text}");
 }
 
 fn run_bin(dir: &Path, args: &[&str]) -> std::process::Output {

@@ -82,6 +82,10 @@ pub struct HttpConfig {
     pub allow_non_loopback: bool,
     /// How many finished task records `GET /v1/tasks/{id}` remembers.
     pub task_records: usize,
+    /// Most tasks HTTP clients may have in the pool at once (0: no limit). Past it a submission
+    /// is refused at once with 429 `overloaded` and `Retry-After` (lower priorities first:
+    /// `normal` at 90 % of it, `low` at 75 %, `background` at 60 %; `critical` never).
+    pub max_in_flight_tasks: usize,
 }
 
 impl Default for HttpConfig {
@@ -92,6 +96,7 @@ impl Default for HttpConfig {
             max_payload_bytes: 1 << 20,
             allow_non_loopback: false,
             task_records: 100_000,
+            max_in_flight_tasks: 2048,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `troupe`: run a node (a 928-agent pool behind an HTTP API), inspect the pool catalogue,
 //! check a config.
 
+mod admission;
 mod config;
 mod server;
 mod slo;
@@ -307,6 +308,12 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
             .await
             .context("starting the pool")?;
         let state = server::AppState::new(runtime.handle(), &http);
+        tokio::spawn(
+            state
+                .admission()
+                .clone()
+                .control(runtime.queue_wait_window(None)),
+        );
         let app = server::router(state);
         let listener = tokio::net::TcpListener::bind(http.listen)
             .await

@@ -24,7 +24,27 @@ use troupe::{
     SubmitError, Task,
 };
 
+use crate::admission::Admission;
 use crate::store::{TaskRecord, TaskStore};
+
+/// The `method` label values: the methods the API knows, and `other` for anything a client
+/// invents (the label set stays bounded).
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
+];
+
+fn method_index(m: &Method) -> usize {
+    METHODS[..7]
+        .iter()
+        .position(|k| *k == m.as_str())
+        .unwrap_or(7)
+}
+
+/// One route's metric handles, resolved on its first request.
+struct RouteMetrics {
+    duration: HistogramHandle,
+    requests: DashMap<(usize, u16), metrics::Counter>,
+}
 
 /// Shared state of the HTTP layer.
 pub struct AppState {
@@ -33,23 +53,58 @@ pub struct AppState {
     store: TaskStore,
     token: Option<String>,
     max_payload: usize,
-    requests: DashMap<(String, Method, u16), metrics::Counter>,
-    durations: DashMap<String, HistogramHandle>,
+    admission: Arc<Admission>,
+    routes: DashMap<Arc<str>, Arc<RouteMetrics>>,
 }
 
 impl AppState {
     /// State for `runtime` with the node's HTTP settings.
     pub fn new(runtime: RuntimeHandle, http: &crate::config::HttpConfig) -> Arc<Self> {
         let exporter = MetricsExporter::new(&runtime);
+        let shed = troupe::PerPriority::from_fn(|p| {
+            exporter.counter(
+                "troupe_tasks_rejected_total",
+                "Tasks refused at admission, by reason.",
+                &[
+                    ("priority", p.as_str().to_owned()),
+                    ("reason", "overloaded".to_owned()),
+                ],
+            )
+        });
         Arc::new(AppState {
+            admission: Admission::new(http.max_in_flight_tasks, shed),
             runtime,
             exporter,
             store: TaskStore::new(http.task_records),
             token: http.token.clone(),
             max_payload: http.max_payload_bytes,
-            requests: DashMap::new(),
-            durations: DashMap::new(),
+            routes: DashMap::new(),
         })
+    }
+
+    /// The node's load shedding.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// The handles of `route`, created on its first request.
+    fn route(&self, route: &Arc<str>) -> Arc<RouteMetrics> {
+        if let Some(r) = self.routes.get(route) {
+            return r.clone();
+        }
+        self.routes
+            .entry(route.clone())
+            .or_insert_with(|| {
+                Arc::new(RouteMetrics {
+                    duration: self.exporter.histogram(
+                        "troupe_http_request_duration_seconds",
+                        "HTTP request handling time.",
+                        &[("route", route.to_string())],
+                    ),
+                    requests: DashMap::new(),
+                })
+            })
+            .clone()
     }
 }
 
@@ -93,6 +148,23 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+impl From<crate::admission::Overloaded> for ApiError {
+    fn from(o: crate::admission::Overloaded) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                format!(
+                    "the node is at its load limit ({} tasks in flight, {} allowed at this \
+                     priority; `http.max_in_flight_tasks`): retry later",
+                    o.in_flight, o.limit
+                ),
+            )
+        }
     }
 }
 
@@ -177,42 +249,38 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn record_http(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req
+    static UNMATCHED: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from("unmatched"));
+    let route: Arc<str> = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().clone();
+        .map(|p| Arc::from(p.as_str()))
+        .unwrap_or_else(|| UNMATCHED.clone());
+    let method = method_index(req.method());
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    let histogram = state
-        .durations
-        .entry(route.clone())
-        .or_insert_with(|| {
-            state.exporter.histogram(
-                "troupe_http_request_duration_seconds",
-                "HTTP request handling time.",
-                &[("route", route.clone())],
-            )
-        })
-        .clone();
-    histogram.record(started.elapsed());
-    state
-        .requests
-        .entry((route.clone(), method.clone(), status))
-        .or_insert_with(|| {
-            state.exporter.counter(
-                "troupe_http_requests_total",
-                "HTTP requests served.",
-                &[
-                    ("route", route),
-                    ("method", method.as_str().to_owned()),
-                    ("status", status.to_string()),
-                ],
-            )
-        })
-        .increment(1);
+    let metrics = state.route(&route);
+    metrics.duration.record(started.elapsed());
+    if let Some(c) = metrics.requests.get(&(method, status)) {
+        c.increment(1);
+    } else {
+        metrics
+            .requests
+            .entry((method, status))
+            .or_insert_with(|| {
+                state.exporter.counter(
+                    "troupe_http_requests_total",
+                    "HTTP requests served.",
+                    &[
+                        ("route", route.to_string()),
+                        ("method", METHODS[method].to_owned()),
+                        ("status", status.to_string()),
+                    ],
+                )
+            })
+            .increment(1);
+    }
     resp
 }
 
@@ -261,7 +329,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
-    Json(state.runtime.stats()).into_response()
+    let mut v = serde_json::to_value(state.runtime.stats()).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("admission".into(), json!(state.admission.stats()));
+    }
+    Json(v).into_response()
 }
 
 async fn agents(State(state): State<Arc<AppState>>) -> Response {
@@ -380,6 +452,9 @@ async fn submit_task(
             .parse::<Priority>()
             .map_err(|e| ApiError::bad_request("unknown_priority", e.to_string()))?,
     };
+    // Shed before anything else is built when the node is past its load limit; the permit is
+    // held until the task's outcome is known.
+    let permit = state.admission.try_enter(priority)?;
     let mut task = match (b.kind, b.agent) {
         (Some(kind), None) => Task::new(kind, b.payload),
         (None, Some(agent)) => Task::new(AgentId(agent), b.payload),
@@ -417,6 +492,7 @@ async fn submit_task(
     state.store.insert(TaskRecord::pending(id, priority));
     if query.wait {
         let outcome = handle.await;
+        drop(permit);
         let record = TaskRecord::done(id, priority, &outcome);
         state.store.update(record.clone());
         return Ok((StatusCode::OK, Json(record)).into_response());
@@ -424,6 +500,7 @@ async fn submit_task(
     let st = state.clone();
     tokio::spawn(async move {
         let outcome = handle.await;
+        drop(permit);
         st.store.update(TaskRecord::done(id, priority, &outcome));
     });
     Ok((

@@ -501,3 +501,51 @@ fn the_readme_node_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn past_its_load_limit_the_node_sheds_with_429_overloaded_lowest_priority_first() {
+    let d = dir();
+    // A bound of 20 tasks in flight: background may hold 12, normal 18, critical is never shed.
+    let node = Node::start(
+        d.path(),
+        "[http]\nmax_in_flight_tasks = 20\n[runtime.shutdown]\ndrain_timeout = \"100ms\"\n",
+    );
+    let slow = |priority: &str| {
+        format!(
+            r#"{{"kind":"llm","payload":"latency=30000","priority":"{priority}","timeout_ms":60000}}"#
+        )
+    };
+    for _ in 0..12 {
+        assert_eq!(node.post("/v1/tasks", &slow("background")).status, 202);
+    }
+    let r = node.post("/v1/tasks", &slow("background"));
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["error"], "overloaded");
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    // Normal work still has room above background's share, up to 18 in flight.
+    for _ in 0..6 {
+        assert_eq!(node.post("/v1/tasks", &slow("normal")).status, 202);
+    }
+    assert_eq!(node.post("/v1/tasks", &slow("normal")).status, 429);
+    // Critical is never shed by the bound.
+    let r = node.post(
+        "/v1/tasks?wait=true",
+        r#"{"kind":"reply","payload":"urgent","priority":"critical"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let admission = node.get("/stats").json()["admission"].clone();
+    assert_eq!(admission["in_flight"], 18, "{admission}");
+    assert_eq!(admission["max"], 20);
+    // The refusals are counted with the runtime's, under their own reason.
+    let metrics = node.get("/metrics").body;
+    assert!(
+        metrics.contains(
+            r#"troupe_tasks_rejected_total{priority="background",reason="overloaded"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"troupe_tasks_rejected_total{priority="normal",reason="overloaded"} 1"#)
+    );
+    let _ = node.terminate();
+}

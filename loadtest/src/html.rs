@@ -34,6 +34,103 @@ fn percentile_x(p: f64) -> f64 {
     1.0 / (1.0 - (p / 100.0).min(0.999_999))
 }
 
+/// The overload curve of a sweep (or ramp): goodput and achieved throughput against offered
+/// load (left axis, tasks/s), p99 latency of what ran (right axis, ms, log scale).
+pub fn sweep_chart(r: &Report) -> Result<String> {
+    let Some(ramp) = &r.ramp else {
+        return Err("the report has no steps".into());
+    };
+    let mut steps = ramp.steps.clone();
+    steps.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let max_rate = steps.iter().map(|s| s.rate).fold(1.0f64, f64::max) * 1.05;
+    let p99_hi = steps
+        .iter()
+        .map(|s| s.p99_ms.max(s.refusal_p99_ms))
+        .fold(1.0f64, f64::max)
+        * 2.0;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("Overload curve: {} ({})", r.target, r.mix),
+                ("sans-serif", 18),
+            )
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
+            .right_y_label_area_size(70)
+            .build_cartesian_2d(0f64..max_rate, 0f64..max_rate)
+            .map_err(e)?
+            .set_secondary_coord(0f64..max_rate, (0.1f64..p99_hi).log_scale());
+        chart
+            .configure_mesh()
+            .x_desc("offered (tasks/s)")
+            .y_desc("tasks/s")
+            .x_label_formatter(&|x| trim(*x))
+            .y_label_formatter(&|y| trim(*y))
+            .draw()
+            .map_err(e)?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("p99 (ms, log)")
+            .label_style(("sans-serif", 12))
+            .y_label_formatter(&|y| trim(*y))
+            .draw()
+            .map_err(e)?;
+        let ideal = [(0.0, 0.0), (max_rate, max_rate)];
+        chart
+            .draw_series(LineSeries::new(
+                ideal,
+                RGBColor(200, 200, 200).stroke_width(1),
+            ))
+            .map_err(e)?
+            .label("offered = achieved")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RGBColor(200, 200, 200)));
+        let good: Vec<(f64, f64)> = steps.iter().map(|s| (s.rate, s.goodput_per_s)).collect();
+        chart
+            .draw_series(LineSeries::new(good.clone(), COLOURS[4].stroke_width(3)))
+            .map_err(e)?
+            .label("goodput (ok/s)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], COLOURS[4].stroke_width(3)));
+        chart
+            .draw_series(good.iter().map(|&p| Circle::new(p, 3, COLOURS[4].filled())))
+            .map_err(e)?;
+        let refused: Vec<(f64, f64)> = steps.iter().map(|s| (s.rate, s.refused_per_s)).collect();
+        chart
+            .draw_series(LineSeries::new(refused, COLOURS[2].stroke_width(2)))
+            .map_err(e)?
+            .label("refused/s")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], COLOURS[2].stroke_width(2)));
+        let p99: Vec<(f64, f64)> = steps.iter().map(|s| (s.rate, s.p99_ms.max(0.1))).collect();
+        chart
+            .draw_secondary_series(LineSeries::new(p99, COLOURS[1].stroke_width(2)))
+            .map_err(e)?
+            .label("p99 of what ran (right)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], COLOURS[1].stroke_width(2)));
+        let refusal: Vec<(f64, f64)> = steps
+            .iter()
+            .filter(|s| s.refused_per_s > 0.0)
+            .map(|s| (s.rate, s.refusal_p99_ms.max(0.1)))
+            .collect();
+        chart
+            .draw_secondary_series(LineSeries::new(refusal, COLOURS[5].stroke_width(2)))
+            .map_err(e)?
+            .label("p99 time to refusal (right)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], COLOURS[5].stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+        root.present().map_err(e)?;
+    }
+    Ok(svg)
+}
+
 fn latency_chart(r: &Report) -> Result<String> {
     let mut svg = String::new();
     {

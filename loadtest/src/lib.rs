@@ -82,6 +82,44 @@ pub struct Ramp {
     pub step: Duration,
 }
 
+/// Runs every step of `ramp` (its `refine` is ignored), past the knee too: the overload curve
+/// (offered against goodput, p99 and refusals). The report is that of the last step, with every
+/// step under `ramp` and the highest passing rate as its `best_rate`.
+pub async fn run_sweep(target: Arc<Target>, settings: &Settings, ramp: Ramp) -> Report {
+    let n = ramp.steps.max(1);
+    let mut steps: Vec<Report> = Vec::with_capacity(n);
+    for i in 0..n {
+        let rate = if n == 1 {
+            ramp.from
+        } else {
+            ramp.from + (ramp.to - ramp.from) * i as f64 / (n - 1) as f64
+        }
+        .round();
+        let mut s = settings.clone();
+        s.plan.mode = Mode::Open { rate };
+        s.plan.duration = ramp.step;
+        if s.plan.progress == run::Progress::Line {
+            eprintln!("sweep: {rate:.0} tasks/s");
+        }
+        steps.push(run_once(target.clone(), &s).await);
+    }
+    let rows: Vec<_> = steps.iter().map(Report::ramp_row).collect();
+    let best_rate = steps
+        .iter()
+        .filter(|r| r.slo.pass)
+        .map(|r| r.tasks.offered_per_s)
+        .max_by(f64::total_cmp);
+    // At least one step ran (`n` is at least 1).
+    let Some(mut report) = steps.pop() else {
+        return run_once(target, settings).await;
+    };
+    report.ramp = Some(RampReport {
+        steps: rows,
+        best_rate,
+    });
+    report
+}
+
 /// Raises the rate step by step until the SLO fails, then bisects between the last passing and
 /// the first failing rate. The report is that of the highest passing step (or the first step,
 /// if none passed), with every step listed under `ramp`.

@@ -58,6 +58,14 @@ struct Args {
     /// Ramp: find the highest rate meeting the SLO between two rates, e.g. 1000..50000.
     #[arg(long, value_name = "FROM..TO", conflicts_with = "concurrency")]
     ramp: Option<String>,
+    /// Sweep: run every step from FROM to TO (`--ramp-steps` of them, `--step` long), past
+    /// the knee, and report the overload curve (goodput, p99, refusals per step).
+    #[arg(long, value_name = "FROM..TO", conflicts_with = "ramp")]
+    sweep: Option<String>,
+    /// With --ramp or --sweep: write the curve (offered against goodput and p99) as an SVG
+    /// chart.
+    #[arg(long, value_name = "FILE")]
+    chart: Option<PathBuf>,
     /// Ramp: measured length of each step.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     step: Duration,
@@ -136,6 +144,15 @@ fn write_reports(args: &Args, r: &Report) -> anyhow::Result<()> {
             .context("drawing the charts")?;
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = &args.chart {
+        if r.ramp.is_none() {
+            bail!("--chart needs --ramp or --sweep");
+        }
+        let svg = html::sweep_chart(r)
+            .map_err(anyhow::Error::msg)
+            .context("drawing the curve")?;
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -157,6 +174,10 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
         bail!("--duration must be above zero");
     }
     let ramp = args.ramp.as_deref().map(parse_ramp).transpose()?;
+    let sweep = args.sweep.as_deref().map(parse_ramp).transpose()?;
+    if args.chart.is_some() && ramp.is_none() && sweep.is_none() {
+        bail!("--chart draws the curve of a --ramp or a --sweep");
+    }
     let mix = match &args.mix {
         Some(p) => Mix::from_file(p).with_context(|| format!("--mix {}", p.display()))?,
         None => Mix::default_mix().context("the built-in mix")?,
@@ -236,8 +257,22 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
         policy_source,
         plan,
     };
-    let report = match ramp {
-        Some((from, to)) => {
+    let report = match (ramp, sweep) {
+        (None, Some((from, to))) => {
+            troupe_loadtest::run_sweep(
+                target.clone(),
+                &settings,
+                Ramp {
+                    from,
+                    to,
+                    steps: args.ramp_steps,
+                    refine: 0,
+                    step: args.step,
+                },
+            )
+            .await
+        }
+        (Some((from, to)), _) => {
             troupe_loadtest::run_ramp(
                 target.clone(),
                 &settings,
@@ -251,7 +286,7 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
             )
             .await
         }
-        None => troupe_loadtest::run_once(target.clone(), &settings).await,
+        (None, None) => troupe_loadtest::run_once(target.clone(), &settings).await,
     };
     if let Some(rt) = runtime {
         drop(target);

@@ -368,6 +368,9 @@ pub struct Measured {
     pub by_entry: Vec<Outcomes>,
     /// Latency of completed tasks, all together.
     pub overall: Histogram<u64>,
+    /// How long refusals by the target took to arrive (intended send → refusal), for
+    /// refusals that reached the target (not this tool's own in-flight cap).
+    pub refusal: Histogram<u64>,
     /// Per priority, in [`Priority::ALL`] order.
     pub by_priority: Vec<Histogram<u64>>,
     /// Per mix entry.
@@ -393,6 +396,7 @@ pub struct Recorder {
     priorities: Vec<Priority>,
     counts: Vec<Counts>,
     overall: Histogram<u64>,
+    refusal: Histogram<u64>,
     by_priority: Vec<Histogram<u64>>,
     entry_latency: Vec<Histogram<u64>>,
     completed_in_window: u64,
@@ -408,6 +412,7 @@ impl Recorder {
             priorities,
             counts: vec![Counts::default(); n],
             overall: latency_histogram(),
+            refusal: latency_histogram(),
             by_priority: (0..Priority::COUNT).map(|_| latency_histogram()).collect(),
             entry_latency: (0..n).map(|_| latency_histogram()).collect(),
             completed_in_window: 0,
@@ -441,6 +446,11 @@ impl Recorder {
         }
         let i = s.entry as usize;
         self.counts[i].add(s.class);
+        if let Class::Rejected(r) = s.class {
+            if r != RejectReason::InFlightLimit {
+                let _ = self.refusal.record(latency_us);
+            }
+        }
         if !rejected {
             // `record` only fails above the histogram's bound, which the clamp rules out.
             let _ = self.overall.record(latency_us);
@@ -510,6 +520,7 @@ impl Recorder {
             total: Outcomes::from_counts(&total),
             by_entry: self.counts.iter().map(Outcomes::from_counts).collect(),
             overall: self.overall,
+            refusal: self.refusal,
             by_priority: self.by_priority,
             entry_latency: self.entry_latency,
             completed_in_window: self.completed_in_window,

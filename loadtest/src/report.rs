@@ -74,6 +74,9 @@ pub struct TaskSummary {
     /// The first failed HTTP exchange's error, when any failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_transport_error: Option<String>,
+    /// How fast the target's refusals came back (intended send → refusal), when it refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal_latency: Option<Percentiles>,
 }
 
 /// Latency of one priority.
@@ -198,6 +201,12 @@ pub struct RampRow {
     pub rate: f64,
     /// Achieved tasks per second.
     pub achieved_per_s: f64,
+    /// Tasks that ended `ok`, per second of the measured window.
+    pub goodput_per_s: f64,
+    /// Refusals (of any reason) per second.
+    pub refused_per_s: f64,
+    /// p99 of how fast the target's refusals came back, ms (0 without refusals).
+    pub refusal_p99_ms: f64,
     /// p95, ms.
     pub p95_ms: f64,
     /// p99, ms.
@@ -298,6 +307,7 @@ impl Report {
                 o.bad() as f64 / judged as f64
             },
             first_transport_error: ctx.first_transport_error.clone(),
+            refusal_latency: (!m.refusal.is_empty()).then(|| Percentiles::of(&m.refusal)),
         };
         let by_priority: Vec<PriorityLatency> = Priority::ALL
             .iter()
@@ -390,9 +400,17 @@ impl Report {
 
     /// The ramp row for this run.
     pub fn ramp_row(&self) -> RampRow {
+        let secs = self.duration_s.max(1e-9);
         RampRow {
             rate: self.tasks.offered_per_s,
             achieved_per_s: self.tasks.achieved_per_s,
+            goodput_per_s: self.tasks.outcomes.ok as f64 / secs,
+            refused_per_s: self.tasks.outcomes.rejected as f64 / secs,
+            refusal_p99_ms: self
+                .tasks
+                .refusal_latency
+                .as_ref()
+                .map_or(0.0, |p| p.p99_ms),
             p95_ms: self.latency.overall.p95_ms,
             p99_ms: self.latency.overall.p99_ms,
             error_ratio: self.tasks.error_ratio,
@@ -658,6 +676,9 @@ pub fn render_text(r: &Report) -> String {
             o.refused_overload(),
             share(o.refused_overload())
         );
+        if let Some(r) = &t.refusal_latency {
+            pct_row(&mut out, "time to refusal", r);
+        }
         if o.refused_invalid() > 0 {
             let _ = writeln!(
                 out,
@@ -685,22 +706,31 @@ pub fn render_text(r: &Report) -> String {
         );
     }
     if let Some(ramp) = &r.ramp {
-        let _ = writeln!(out, "\nramp (each step judged against the SLO)");
+        let _ = writeln!(out, "\nsteps (each judged against the SLO)");
         let _ = writeln!(
             out,
-            "  {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}  verdict",
-            "offered/s", "achieved/s", "p95 ms", "p99 ms", "errors %", "rejected"
+            "  {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>11}  verdict",
+            "offered/s",
+            "achieved/s",
+            "goodput/s",
+            "p95 ms",
+            "p99 ms",
+            "errors %",
+            "refused/s",
+            "refusal p99"
         );
         for s in &ramp.steps {
             let _ = writeln!(
                 out,
-                "  {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.4} {:>9}  {}",
+                "  {:>10.0} {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.4} {:>10.0} {:>8.3} ms  {}",
                 s.rate,
                 s.achieved_per_s,
+                s.goodput_per_s,
                 s.p95_ms,
                 s.p99_ms,
                 s.error_ratio * 100.0,
-                s.rejected,
+                s.refused_per_s,
+                s.refusal_p99_ms,
                 if s.pass { "PASS" } else { "FAIL" }
             );
         }
@@ -708,7 +738,7 @@ pub fn render_text(r: &Report) -> String {
             Some(b) => {
                 let _ = writeln!(
                     out,
-                    "highest rate meeting the SLO: {b:.0} tasks/s (details above are that step)"
+                    "highest rate meeting the SLO: {b:.0} tasks/s (details above: that step for a ramp, the last for a sweep)"
                 );
             }
             None => {

@@ -31,7 +31,7 @@ use crate::sandbox::lanes::{Responder, Sandbox};
 use crate::sandbox::model::{SandboxError, Verdict};
 use crate::supervisor::Supervision;
 use crate::task::{Completion, Outcome, QueuedTask, Task, TaskHandle};
-use crate::telemetry::LatencyHistogram;
+use crate::telemetry::{LatencyHistogram, LatencySummary};
 
 /// One runtime's parts.
 pub(crate) struct Core {
@@ -225,6 +225,59 @@ impl Core {
     }
 }
 
+/// Recent queue wait, window by window; see [`RuntimeHandle::queue_wait_window`].
+pub struct QueueWaitWindow {
+    core: Arc<Core>,
+    priority: Option<Priority>,
+    last: Option<hdrhistogram::Histogram<u64>>,
+}
+
+impl std::fmt::Debug for QueueWaitWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueWaitWindow")
+            .field("priority", &self.priority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueWaitWindow {
+    fn snapshot(&self) -> Option<hdrhistogram::Histogram<u64>> {
+        let ledger = self.core.ledger();
+        match self.priority {
+            Some(p) => ledger.queue_wait(p).snapshot(),
+            None => {
+                let mut all = hdrhistogram::Histogram::<u64>::new(3).ok()?;
+                for p in Priority::ALL {
+                    if let Some(h) = ledger.queue_wait(p).snapshot() {
+                        let _ = all.add(&h);
+                    }
+                }
+                Some(all)
+            }
+        }
+    }
+
+    /// Percentiles of the queue waits recorded since the previous take (or since the window
+    /// was made). Empty (count 0) when nothing was picked up, or with latency histograms off.
+    pub fn take(&mut self) -> LatencySummary {
+        let now = self.snapshot();
+        let summary = match (&now, &self.last) {
+            (Some(now), Some(last)) => {
+                let mut delta = now.clone();
+                // The histograms only grow, so the subtraction cannot underflow.
+                match delta.subtract(last) {
+                    Ok(()) => LatencySummary::from_histogram(&delta),
+                    Err(_) => LatencySummary::from_histogram(now),
+                }
+            }
+            (Some(now), None) => LatencySummary::from_histogram(now),
+            _ => LatencySummary::default(),
+        };
+        self.last = now;
+        summary
+    }
+}
+
 /// A cheap, cloneable handle to a running runtime.
 ///
 /// A handle from an agent's context ([`AgentContext::runtime`](crate::AgentContext::runtime))
@@ -395,6 +448,20 @@ impl RuntimeHandle {
     pub fn room(&self, priority: Priority) -> usize {
         let a = &self.core.parts.admission;
         a.capacity(priority).saturating_sub(a.depth(priority))
+    }
+
+    /// A probe of recent queue wait: each [`QueueWaitWindow::take`] summarises the time tasks
+    /// spent queued before an agent took them, over every attempt picked up since the previous
+    /// take (all priorities, or one). Pure queueing, whatever the handlers cost: the signal an
+    /// admission controller above the runtime sheds on.
+    pub fn queue_wait_window(&self, priority: Option<Priority>) -> QueueWaitWindow {
+        let mut w = QueueWaitWindow {
+            core: self.core.clone(),
+            priority,
+            last: None,
+        };
+        w.last = w.snapshot();
+        w
     }
 
     /// A snapshot of readiness, agents, queues and supervision.

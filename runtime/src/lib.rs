@@ -120,7 +120,7 @@ pub use config::{
 pub use error::{BusError, ConfigError, Rejected, StartError, SubmitError};
 pub use events::{TaskEvent, TaskEventKind, TaskObserver};
 pub use export::{BUCKETS, HistogramHandle, MetricsExporter};
-pub use handle::RuntimeHandle;
+pub use handle::{QueueWaitWindow, RuntimeHandle};
 pub use health::{Health, Stats};
 pub use ids::{AgentId, TaskId};
 pub use ledger::{OutcomeCounts, PriorityStats, RejectionCounts};

@@ -179,6 +179,10 @@ impl From<SubmitError> for ApiError {
             SubmitError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            SubmitError::Unavailable(_) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            },
             SubmitError::UnknownCapability(_) => ApiError::bad_request("unknown_kind", message),
             SubmitError::UnknownAgent(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_agent", message)

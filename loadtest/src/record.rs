@@ -31,16 +31,19 @@ pub enum RejectReason {
     /// The node shed the request before admission: it was past its sustainable load
     /// (HTTP 429 `overloaded`).
     Overloaded,
+    /// Every agent that could run it was down (HTTP 503 `unavailable`).
+    Unavailable,
 }
 
 impl RejectReason {
     /// Every reason, in report order.
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::QueueFull,
         RejectReason::ShuttingDown,
         RejectReason::Invalid,
         RejectReason::InFlightLimit,
         RejectReason::Overloaded,
+        RejectReason::Unavailable,
     ];
 
     /// The report label.
@@ -51,6 +54,7 @@ impl RejectReason {
             RejectReason::Invalid => "invalid",
             RejectReason::InFlightLimit => "in_flight_limit",
             RejectReason::Overloaded => "overloaded",
+            RejectReason::Unavailable => "unavailable",
         }
     }
 

@@ -146,6 +146,7 @@ fn class_of_submit_error(e: &SubmitError) -> Class {
     Class::Rejected(match e {
         SubmitError::QueueFull { .. } => RejectReason::QueueFull,
         SubmitError::ShuttingDown => RejectReason::ShuttingDown,
+        SubmitError::Unavailable(_) => RejectReason::Unavailable,
         _ => RejectReason::Invalid,
     })
 }
@@ -154,6 +155,7 @@ fn class_of_submit_error(e: &SubmitError) -> Class {
 fn class_of_refusal(status: u16, code: Option<&str>) -> Class {
     match (status, code) {
         (429 | 503, Some("overloaded")) => Class::Rejected(RejectReason::Overloaded),
+        (503, Some("unavailable")) => Class::Rejected(RejectReason::Unavailable),
         _ => class_of_status(status),
     }
 }

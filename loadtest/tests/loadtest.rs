@@ -35,8 +35,9 @@ kind = "faulty"
 count = 2
 "#;
 
-/// ok (echo), error (io failing half the time), panic, and timeout (a hang past 100 ms, sent
-/// at 40/s to two agents that can finish 20/s, so the low queue of 5 also overflows).
+/// ok (echo), error (io failing half the time), panic, and timeout (a hang cut off at 1 s, sent
+/// at 40/s to two agents that can finish 2/s, so the low queue of 5 also overflows; a task's
+/// timeout counts from admission, so those that wait too long end `timeout` in the queue).
 const FAULTY_MIX: &str = r#"
 name = "faults"
 [[task]]
@@ -60,7 +61,7 @@ name = "stuck"
 kind = "faulty"
 payload = "hang"
 priority = "low"
-timeout = "100ms"
+timeout = "1s"
 share = 1
 [bus]
 rate = 2000

@@ -86,6 +86,10 @@ pub enum SubmitError {
     /// The task is malformed (for example a zero timeout).
     #[error("invalid task: {0}")]
     Invalid(String),
+    /// Every agent that could run the task is down (its tier failed for good, or its agents
+    /// stopped); queueing it would only hold room other work needs.
+    #[error("no live agent serves {0}: every one of them is down")]
+    Unavailable(String),
 }
 
 impl SubmitError {
@@ -94,6 +98,7 @@ impl SubmitError {
         match self {
             SubmitError::QueueFull { .. } => "queue_full",
             SubmitError::ShuttingDown => "shutting_down",
+            SubmitError::Unavailable(_) => "unavailable",
             SubmitError::UnknownCapability(_)
             | SubmitError::UnknownAgent(_)
             | SubmitError::Invalid(_) => "invalid",

@@ -33,7 +33,7 @@ pub const BUCKETS: [f64; 19] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-const REJECT_REASONS: [&str; 3] = ["queue_full", "shutting_down", "invalid"];
+const REJECT_REASONS: [&str; 4] = ["queue_full", "shutting_down", "invalid", "unavailable"];
 const KINDS: [MessageKind; 3] = MessageKind::ALL;
 const STATES: [&str; 3] = ["running", "restarting", "stopped"];
 const VOTES: [&str; 3] = ["unanimous", "majority", "no_quorum"];
@@ -74,6 +74,7 @@ struct Family {
 
 struct Handles {
     submitted: Vec<Counter>,
+    late: Vec<Counter>,
     completed: Vec<Vec<Counter>>,
     rejected: Vec<Vec<Counter>>,
     depth: Vec<Gauge>,
@@ -147,6 +148,10 @@ impl MetricsExporter {
             "Tasks finished, by outcome.",
         );
         describe(
+            "troupe_tasks_late_results_total",
+            "Handler results that came back after the task's deadline and were discarded (the task ended timeout).",
+        );
+        describe(
             "troupe_tasks_rejected_total",
             "Tasks refused at admission, by reason.",
         );
@@ -202,6 +207,10 @@ impl MetricsExporter {
             submitted: Priority::ALL
                 .iter()
                 .map(|&p| counter("troupe_tasks_submitted_total", &[pri(p)]))
+                .collect(),
+            late: Priority::ALL
+                .iter()
+                .map(|&p| counter("troupe_tasks_late_results_total", &[pri(p)]))
                 .collect(),
             completed: Priority::ALL
                 .iter()
@@ -446,13 +455,15 @@ impl MetricsExporter {
         for p in Priority::ALL {
             let i = p.index();
             h.submitted[i].absolute(ledger.submitted(p));
+            h.late[i].absolute(ledger.late_results(p));
             for o in OutcomeKind::ALL {
                 h.completed[i][o.index()].absolute(ledger.completed(p, o));
             }
             let r = ledger.rejections(p);
-            for (c, n) in h.rejected[i]
-                .iter()
-                .zip([r.queue_full, r.shutting_down, r.invalid])
+            for (c, n) in
+                h.rejected[i]
+                    .iter()
+                    .zip([r.queue_full, r.shutting_down, r.invalid, r.unavailable])
             {
                 c.absolute(n);
             }

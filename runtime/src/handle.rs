@@ -106,14 +106,20 @@ impl Core {
         &self.parts.sandbox
     }
 
-    /// Retries a failed attempt if its policy allows, otherwise finishes with `outcome`.
+    /// Retries a failed attempt if its policy and its deadline allow, otherwise finishes with
+    /// `outcome`.
     pub(crate) fn retry_or_finish(&self, mut task: QueuedTask, outcome: Outcome) {
         if task.attempt >= task.retry.max_attempts || self.parts.phase.is_cancelling() {
             self.parts.ledger.finish(task, outcome);
             return;
         }
+        let delay = task.retry.delay_before(task.attempt + 1);
+        if task.deadline.is_some_and(|d| Instant::now() + delay >= d) {
+            // No time left for another attempt: the deadline decides.
+            self.parts.ledger.finish(task, Outcome::Timeout);
+            return;
+        }
         task.attempt += 1;
-        let delay = task.retry.delay_before(task.attempt);
         if delay.is_zero() {
             self.requeue(task);
             return;
@@ -157,6 +163,11 @@ impl Core {
         if task.timeout == Some(Duration::ZERO) {
             return Err(SubmitError::Invalid("timeout must be above zero".into()));
         }
+        if task.attempt_timeout == Some(Duration::ZERO) {
+            return Err(SubmitError::Invalid(
+                "attempt_timeout must be above zero".into(),
+            ));
+        }
         if task.sandboxed {
             return match self.parts.sandbox.lanes_for(&task.target) {
                 Some(_) => Ok(u32::MAX),
@@ -171,7 +182,24 @@ impl Core {
                 "retry.max_attempts must be at least 1".into(),
             ));
         }
-        self.parts.pool.resolve(&task.target)
+        let group = self.parts.pool.resolve(&task.target)?;
+        if !self.parts.pool.is_live(group) {
+            return Err(SubmitError::Unavailable(task.target.to_string()));
+        }
+        Ok(group)
+    }
+
+    /// When a task accepted at `now` must have its outcome: its timeout (or the default) from
+    /// now, or its deadline, whichever is earlier.
+    fn deadline_of(&self, task: &Task, now: Instant) -> Option<Instant> {
+        let from_timeout = task
+            .timeout
+            .or(self.parts.config.tasks.default_timeout)
+            .and_then(|t| now.checked_add(t));
+        match (from_timeout, task.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Admits a task whose queue slot is already reserved.
@@ -188,12 +216,13 @@ impl Core {
         let id = next_task_id();
         let (tx, rx) = oneshot::channel();
         self.parts.ledger.accepted(id, p);
+        let deadline = self.deadline_of(&task, now);
         let queued = QueuedTask {
             id,
             priority: p,
             payload: task.payload.clone(),
-            timeout: task.timeout,
-            deadline: task.deadline,
+            attempt_timeout: task.attempt_timeout,
+            deadline,
             retry: task.retry,
             attempt: 1,
             submitted_at: now,
@@ -204,7 +233,10 @@ impl Core {
         if task.sandboxed {
             match self.parts.sandbox.lanes_for(&task.target) {
                 Some(lanes) => {
-                    let timeout = self.parts.sandbox.lane_timeout(task.timeout, task.deadline);
+                    let timeout = self
+                        .parts
+                        .sandbox
+                        .lane_timeout(task.attempt_timeout, deadline);
                     self.parts.sandbox.dispatch(
                         lanes,
                         id,
@@ -384,7 +416,8 @@ impl RuntimeHandle {
             let id = next_task_id();
             c.parts.ledger.accepted(id, priority);
             let (reply, answer) = oneshot::channel();
-            let timeout = c.parts.sandbox.lane_timeout(task.timeout, task.deadline);
+            let deadline = c.deadline_of(&task, Instant::now());
+            let timeout = c.parts.sandbox.lane_timeout(task.attempt_timeout, deadline);
             c.parts.sandbox.dispatch(
                 lanes,
                 id,

@@ -54,6 +54,8 @@ pub struct RejectionCounts {
     pub shutting_down: u64,
     /// The task was invalid (unknown target, bad timeout).
     pub invalid: u64,
+    /// Every agent that could run it was down.
+    pub unavailable: u64,
 }
 
 /// One priority's counts and latencies.
@@ -73,17 +75,21 @@ pub struct PriorityStats {
     pub handler: LatencySummary,
     /// Submit to outcome.
     pub latency: LatencySummary,
+    /// Attempts whose handler returned after the deadline (it held its thread past it): the
+    /// result was discarded and the attempt ended `timeout`.
+    pub late_results: u64,
 }
 
 /// Counters and latency histograms of every task, per priority, plus the observers.
 pub(crate) struct Ledger {
     submitted: PerPriority<StripedCounter>,
     completed: PerPriority<[StripedCounter; OutcomeKind::ALL.len()]>,
-    /// By reason: queue_full, shutting_down, invalid.
-    rejected: PerPriority<[StripedCounter; 3]>,
+    /// By reason: queue_full, shutting_down, invalid, unavailable.
+    rejected: PerPriority<[StripedCounter; 4]>,
     queue_wait: PerPriority<LatencyHistogram>,
     handler: PerPriority<LatencyHistogram>,
     latency: PerPriority<LatencyHistogram>,
+    late: PerPriority<StripedCounter>,
     observers: Box<[Arc<dyn TaskObserver>]>,
 }
 
@@ -91,6 +97,7 @@ fn rejected_index(error: &SubmitError) -> usize {
     match error.reason_label() {
         "queue_full" => 0,
         "shutting_down" => 1,
+        "unavailable" => 3,
         _ => 2,
     }
 }
@@ -105,6 +112,7 @@ impl Ledger {
             queue_wait: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
             handler: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
             latency: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
+            late: PerPriority::from_fn(|_| StripedCounter::default()),
             observers: observers.into_boxed_slice(),
         }
     }
@@ -149,6 +157,16 @@ impl Ledger {
                 attempt: task.attempt,
             },
         );
+    }
+
+    /// Counts a result that came back after its deadline and was discarded.
+    pub(crate) fn late_result(&self, priority: Priority) {
+        self.late[priority].increment(1);
+    }
+
+    /// Late results discarded at `p`.
+    pub(crate) fn late_results(&self, p: Priority) -> u64 {
+        self.late[p].get()
     }
 
     /// Records one attempt's handler time.
@@ -197,6 +215,7 @@ impl Ledger {
             queue_full: self.rejected[p][0].get(),
             shutting_down: self.rejected[p][1].get(),
             invalid: self.rejected[p][2].get(),
+            unavailable: self.rejected[p][3].get(),
         }
     }
 
@@ -259,6 +278,7 @@ impl Ledger {
             queue_wait: self.queue_wait[p].summary(),
             handler: self.handler[p].summary(),
             latency: self.latency[p].summary(),
+            late_results: self.late[p].get(),
         }
     }
 }

@@ -36,6 +36,9 @@ pub(crate) struct WorkGroup {
     /// Idle agents to wake, packed as `(agent index << 8) | position of this group in the
     /// agent's group list`. Each agent appears at most once (see `AgentSlot::in_idle`).
     idle: SegQueue<u64>,
+    /// Members not stopped (starting, running or restarting): while 0, nobody will ever take
+    /// a task queued here.
+    live: AtomicUsize,
 }
 
 impl WorkGroup {
@@ -47,7 +50,26 @@ impl WorkGroup {
                 skips: AtomicU32::new(0),
             }),
             idle: SegQueue::new(),
+            live: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts a member coming to life (or joining, at start).
+    #[inline]
+    pub(crate) fn member_up(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts a member stopping.
+    #[inline]
+    pub(crate) fn member_down(&self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// True if some member is not stopped.
+    #[inline]
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire) > 0
     }
 
     /// Queues a task. The caller has reserved its slot in admission and wakes an agent after.

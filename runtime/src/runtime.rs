@@ -174,6 +174,7 @@ impl RuntimeBuilder {
         let supervision = Arc::new(Supervision::new(
             pool.clone(),
             ledger.clone(),
+            admission.clone(),
             phase.clone(),
             config.tiers.iter().cloned().zip(children).collect(),
             config.root,

@@ -125,6 +125,7 @@ pub struct Task {
     pub(crate) priority: Priority,
     pub(crate) payload: Bytes,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) retry: RetryPolicy,
     pub(crate) sandboxed: bool,
@@ -138,6 +139,7 @@ impl Task {
             priority: Priority::Normal,
             payload: payload.into(),
             timeout: None,
+            attempt_timeout: None,
             deadline: None,
             retry: RetryPolicy::NONE,
             sandboxed: false,
@@ -163,15 +165,26 @@ impl Task {
         self
     }
 
-    /// Limits each attempt's handler time. Without it the runtime's `tasks.default_timeout`
-    /// applies.
+    /// The task must have its outcome within `timeout` of being accepted, time in the queue
+    /// included: past it the task ends `timeout` — still queued, it never runs; running, its
+    /// attempt is cut off; and a handler that returns late (one that blocked its thread past
+    /// the deadline) has its result discarded and counted. Retries happen only within it.
+    /// Without it the runtime's `tasks.default_timeout` applies.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
-    /// A point in time by which the task must have its outcome: if it is still queued then, it
-    /// ends as `timeout` without running; a running attempt is cut off there.
+    /// Limits each attempt's handler time on its own (the whole task still ends by its
+    /// `timeout`): an attempt past it ends `timeout`, and is retried if the policy and the
+    /// time left allow.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// A point in time by which the task must have its outcome, as [`Task::timeout`] but
+    /// absolute; with both, the earlier holds.
     pub fn deadline(mut self, deadline: Instant) -> Self {
         self.deadline = Some(deadline);
         self
@@ -251,7 +264,8 @@ pub enum Outcome {
     Ok(Bytes),
     /// The handler returned an error.
     Error(TaskError),
-    /// The attempt overran its timeout, or the deadline passed while the task was queued.
+    /// The task's deadline passed (queued, running, or with a late result), or an attempt
+    /// overran its `attempt_timeout` with no retry left.
     Timeout,
     /// The handler panicked; the message is the panic payload. The agent was rebuilt.
     Panic(String),
@@ -402,7 +416,9 @@ pub(crate) struct QueuedTask {
     pub(crate) id: TaskId,
     pub(crate) priority: Priority,
     pub(crate) payload: Bytes,
-    pub(crate) timeout: Option<Duration>,
+    /// Per-attempt handler limit, if the task set one.
+    pub(crate) attempt_timeout: Option<Duration>,
+    /// When the task must have its outcome (from its timeout and deadline, set at admission).
     pub(crate) deadline: Option<Instant>,
     pub(crate) retry: RetryPolicy,
     pub(crate) attempt: u32,

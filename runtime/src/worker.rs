@@ -49,6 +49,7 @@ pub(crate) async fn run<F: AgentFactory>(
         tokio::time::sleep(start.delay).await;
     }
     slot.set_state(AgentState::Starting);
+    slot.set_down(false);
     let incarnation = slot.next_incarnation();
     slot.set_liveness(Liveness::Healthy);
     let began = Instant::now();
@@ -211,10 +212,8 @@ async fn run_task<A: Agent>(
         ledger.finish(task, Outcome::Cancelled);
         return None;
     }
-    let mut limit = task
-        .timeout
-        .or(core.config().tasks.default_timeout)
-        .map(|t| now + t);
+    // The attempt ends by the task's deadline, and by its own limit if it has one.
+    let mut limit = task.attempt_timeout.map(|t| now + t);
     if let Some(deadline) = task.deadline {
         if deadline <= now {
             ledger.finish(task, Outcome::Timeout);
@@ -269,6 +268,15 @@ async fn run_task<A: Agent>(
         }
     };
     ledger.handled(p, now);
+    // A handler that held its thread past the limit (so the timer could not cut it off) is
+    // late whatever it returned: the deadline is the outcome, and the late result is counted.
+    let ran = match ran {
+        Ran::Done(_) if limit.is_some_and(|l| Instant::now() > l) => {
+            ledger.late_result(p);
+            Ran::TimedOut
+        }
+        other => other,
+    };
     let Some(task) = slot.end_task(incarnation) else {
         // The watchdog answered the task (timeout) and replaced this incarnation.
         return Some(ExitReason::Unresponsive(
@@ -354,6 +362,7 @@ pub(crate) async fn run_lane_instance<F: AgentFactory>(
         }
         let Some(a) = agent.as_mut() else { continue };
         let task_id = request.id.0;
+        let started = Instant::now();
         let ran = tokio::time::timeout(
             timeout,
             AssertUnwindSafe(Guarded::new(a.handle(request, &ctx), ctx.id().0, task_id))
@@ -361,6 +370,9 @@ pub(crate) async fn run_lane_instance<F: AgentFactory>(
         )
         .await;
         let result = match ran {
+            // A handler that blocked its thread past the timeout returns "in time" as far as
+            // the timer knows; it is late all the same.
+            Ok(Ok(_)) if started.elapsed() > timeout => LaneResult::Timeout,
             Err(_) => LaneResult::Timeout,
             Ok(Ok(Ok(out))) => LaneResult::Ok(out),
             Ok(Ok(Err(e))) => LaneResult::Error(e.to_string()),

@@ -190,11 +190,11 @@ async fn a_restart_storm_escalates_to_the_root_which_restarts_the_tier_then_give
             .await
             .is_ok()
     );
-    // Work queued for the dead tier is not lost: shutdown cancels it.
-    let stranded = rt.try_submit(Task::new(AgentId(0), "x")).unwrap();
+    // Work for the dead tier is refused at once: nobody would ever take it.
+    let refused = rt.try_submit(Task::new(AgentId(0), "x")).unwrap_err();
+    assert!(matches!(refused.error, troupe::SubmitError::Unavailable(_)));
     let report = rt.shutdown_with(Duration::from_millis(20)).await;
-    assert_eq!(stranded.await, Outcome::Cancelled);
-    assert_eq!(report.cancelled, 1);
+    assert_eq!(report.outstanding, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,5 +262,63 @@ async fn a_sibling_stuck_in_a_task_is_cancelled_after_the_stop_timeout() {
             .await
             .is_ok()
     );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_the_root_gave_up_on_holds_no_capacity() {
+    // The fragile tier escalates on its first crash and the root has no restarts to give.
+    let mut config = RuntimeConfig::default()
+        .tier(
+            TierConfig::new("fragile")
+                .agents("f", 1)
+                .intensity(0, Duration::from_secs(60)),
+        )
+        .tier(TierConfig::new("healthy").agents("h", 1));
+    config.root = IntensityConfig {
+        max_restarts: 0,
+        period: Duration::from_secs(60),
+    };
+    config.liveness.heartbeat = Duration::from_millis(20);
+    config.queues.capacity = troupe::PerPriority([4; 5]);
+    let (rt, _) = start(config).await;
+    // Block the fragile agent, queue work behind it, then crash it.
+    let blocker = rt.try_submit(Task::new("f", "sleep:100")).unwrap();
+    common::picked(&rt).await;
+    let queued: Vec<_> = (0..2)
+        .map(|_| rt.try_submit(Task::new("f", "x")).unwrap())
+        .collect();
+    let crash = rt.try_submit(Task::new(AgentId(0), "panic")).unwrap();
+    assert!(blocker.await.is_ok());
+    let _ = crash.await;
+    assert!(eventually(Duration::from_secs(5), || rt.health().tiers[0].failed).await);
+    // What was queued for it is answered at once, not left to hold queue room until shutdown.
+    for h in queued {
+        match tokio::time::timeout(Duration::from_secs(5), h).await {
+            Ok(Outcome::Error(e)) => assert!(e.0.contains("no live agent"), "{e}"),
+            other => panic!("queued task for a dead tier: {other:?}"),
+        }
+    }
+    assert_eq!(
+        rt.health().queues[troupe::Priority::Normal.index()].depth,
+        0
+    );
+    // New work for it is refused at admission with the reason; healthy work is not.
+    let r = rt.try_submit(Task::new("f", "x")).unwrap_err();
+    assert!(
+        matches!(r.error, troupe::SubmitError::Unavailable(ref t) if t.contains("`f`")),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(
+        rt.stats()
+            .priority(troupe::Priority::Normal)
+            .rejected
+            .unavailable,
+        1
+    );
+    for _ in 0..8 {
+        assert!(rt.try_submit(Task::new("h", "x")).unwrap().await.is_ok());
+    }
     rt.shutdown().await;
 }

@@ -248,3 +248,76 @@ async fn a_busy_agent_yields_to_other_tasks_on_its_thread() {
     }
     rt.shutdown().await;
 }
+
+/// Blocks its thread (no await point, so no timer can cut it off) for the ms in the payload.
+struct Spinner;
+
+impl troupe::Agent for Spinner {
+    async fn handle(
+        &mut self,
+        t: troupe::TaskRequest,
+        _: &troupe::AgentContext,
+    ) -> Result<bytes::Bytes, troupe::TaskError> {
+        let ms: u64 = std::str::from_utf8(&t.payload).unwrap().parse().unwrap();
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        Ok(t.payload)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_spins_past_the_deadline_ends_timeout_and_its_late_result_is_counted() {
+    let rt = troupe::Runtime::builder(
+        RuntimeConfig::default().tier(TierConfig::new("t").agents("spin", 1)),
+    )
+    .register("spin", |_spec| Spinner)
+    .start()
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let out = rt
+            .try_submit(Task::new("spin", "120").timeout(Duration::from_millis(30)))
+            .unwrap()
+            .await;
+        assert_eq!(out, Outcome::Timeout);
+    }
+    let s = rt.stats();
+    assert_eq!(s.priority(Priority::Normal).late_results, 3);
+    assert_eq!(s.completed().timeout, 3);
+    // Within its deadline the same handler is fine.
+    let out = rt
+        .try_submit(Task::new("spin", "5").timeout(Duration::from_secs(5)))
+        .unwrap()
+        .await;
+    assert!(out.is_ok(), "{out:?}");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_counts_from_admission_so_time_in_the_queue_uses_it_up() {
+    let (rt, _) = start(pool(1)).await;
+    let blocker = rt.try_submit(Task::new("s", "sleep:200")).unwrap();
+    common::picked(&rt).await;
+    // Queued behind a 200 ms task with a 50 ms budget: it times out without running.
+    let queued = rt
+        .try_submit(Task::new("s", "x").timeout(Duration::from_millis(50)))
+        .unwrap();
+    assert_eq!(queued.await, Outcome::Timeout);
+    assert!(blocker.await.is_ok());
+    assert_eq!(rt.stats().priority(Priority::Normal).handler.count, 1);
+    // A per-attempt limit is separate: each attempt gets 30 ms, the task 10 s.
+    let r = rt
+        .try_submit(
+            Task::new("s", "sleep:100")
+                .timeout(Duration::from_secs(10))
+                .attempt_timeout(Duration::from_millis(30))
+                .retry(RetryPolicy::attempts(2, Duration::ZERO)),
+        )
+        .unwrap()
+        .await;
+    assert_eq!(r, Outcome::Timeout);
+    assert_eq!(rt.stats().priority(Priority::Normal).handler.count, 3);
+    rt.shutdown().await;
+}

@@ -156,6 +156,22 @@ impl Pool {
         }
     }
 
+    /// True if some agent that serves group `group` is not stopped.
+    #[inline]
+    pub(crate) fn is_live(&self, group: u32) -> bool {
+        self.groups.get(group as usize).is_some_and(|g| g.is_live())
+    }
+
+    /// Takes every task queued on groups nobody serves any more (every member stopped), for
+    /// supervision to answer.
+    pub(crate) fn sweep_dead(&self, mut each: impl FnMut(QueuedTask)) {
+        for g in self.groups.iter().filter(|g| !g.is_live()) {
+            while let Some(task) = g.pop_any() {
+                each(task);
+            }
+        }
+    }
+
     /// Queues `task` on group `group` (its admission slot is reserved) and wakes one idle agent
     /// of that group.
     #[inline]

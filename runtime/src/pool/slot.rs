@@ -160,6 +160,8 @@ pub(crate) struct AgentSlot {
     stop: AtomicBool,
     /// Cancels the work in hand (a stop that overran `shutdown.stop_timeout`).
     kill: AtomicBool,
+    /// Down for good: no incarnation will start again (see `set_down`).
+    down: AtomicBool,
     starts: AtomicU64,
     restarts: AtomicU32,
     in_flight: InFlight,
@@ -174,6 +176,8 @@ pub(crate) struct AgentSlot {
 impl AgentSlot {
     pub(crate) fn new(spec: AgentSpec, tier: usize, groups: Box<[Arc<WorkGroup>]>) -> Self {
         let in_idle = groups.iter().map(|_| AtomicBool::new(false)).collect();
+        // A new slot is live (about to start) in every group it serves.
+        groups.iter().for_each(|g| g.member_up());
         AgentSlot {
             spec,
             tier,
@@ -183,6 +187,7 @@ impl AgentSlot {
             state: AtomicU8::new(AgentState::Starting as u8),
             stop: AtomicBool::new(false),
             kill: AtomicBool::new(false),
+            down: AtomicBool::new(false),
             starts: AtomicU64::new(0),
             restarts: AtomicU32::new(0),
             in_flight: InFlight::new(),
@@ -216,6 +221,21 @@ impl AgentSlot {
 
     pub(crate) fn set_state(&self, s: AgentState) {
         self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Marks the agent down for good (its supervisor will not start it again: a temporary
+    /// child that exited, a tier the root gave up on) or back (a new incarnation starts),
+    /// keeping each of its groups' count of live members right. A stop that is followed by a
+    /// restart (a sibling's group restart) is not "down".
+    pub(crate) fn set_down(&self, down: bool) {
+        if self.down.swap(down, Ordering::AcqRel) == down {
+            return;
+        }
+        if down {
+            self.groups.iter().for_each(|g| g.member_down());
+        } else {
+            self.groups.iter().for_each(|g| g.member_up());
+        }
     }
 
     /// True if the agent has been busy on one task past its liveness limit.

@@ -122,13 +122,13 @@ impl Sandbox {
         }
     }
 
-    /// How long each lane may take on a task with this timeout and deadline.
+    /// How long each lane may take on a task with this per-attempt timeout and deadline.
     pub(crate) fn lane_timeout(
         &self,
-        timeout: Option<Duration>,
+        attempt_timeout: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Duration {
-        let mut t = timeout.unwrap_or(self.config.lane_timeout);
+        let mut t = attempt_timeout.unwrap_or(self.config.lane_timeout);
         if let Some(d) = deadline {
             t = t.min(d.saturating_duration_since(Instant::now()));
         }

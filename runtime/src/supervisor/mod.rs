@@ -28,6 +28,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::admission::Admission;
 use crate::config::{IntensityConfig, TierConfig};
 use crate::ledger::Ledger;
 use crate::phase::Phase;
@@ -117,6 +118,7 @@ pub struct TierStats {
 pub(crate) struct Supervision {
     pool: Arc<Pool>,
     ledger: Arc<Ledger>,
+    admission: Arc<Admission>,
     phase: Arc<Phase>,
     tiers: Box<[TierState]>,
     root: Mutex<RootState>,
@@ -126,7 +128,7 @@ pub(crate) struct Supervision {
     /// Agents whose first start has not finished yet; `starts_done` fires when it reaches 0.
     pending_starts: AtomicUsize,
     starts_done: Notify,
-    /// The first agent that failed its first start, and why.
+    /// The first agent (in start order) that failed its first start, and why.
     start_failure: Mutex<Option<(u32, String)>>,
 }
 
@@ -136,6 +138,7 @@ impl Supervision {
     pub(crate) fn new(
         pool: Arc<Pool>,
         ledger: Arc<Ledger>,
+        admission: Arc<Admission>,
         phase: Arc<Phase>,
         tiers: Vec<(TierConfig, Vec<u32>)>,
         root_limits: IntensityConfig,
@@ -146,6 +149,7 @@ impl Supervision {
         Supervision {
             pool,
             ledger,
+            admission,
             phase,
             tiers: tiers
                 .into_iter()
@@ -198,7 +202,11 @@ impl Supervision {
     /// Counts one agent's first start as finished (`failure` says why it did not succeed).
     pub(crate) fn first_start_finished(&self, index: u32, failure: Option<String>) {
         if let Some(reason) = failure {
-            lock(&self.start_failure).get_or_insert((index, reason));
+            // Report the first agent in start order that failed, whichever exited first.
+            let mut first = lock(&self.start_failure);
+            if first.as_ref().is_none_or(|(i, _)| index < *i) {
+                *first = Some((index, reason));
+            }
         }
         if self.pending_starts.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.starts_done.notify_one();
@@ -505,6 +513,7 @@ impl TierSupervisor {
             // It never started: the pool cannot come up as configured. The builder reports it;
             // retrying would only hide the error behind restarts.
             slot.set_state(AgentState::Stopped);
+            slot.set_down(true);
             sup.first_start_finished(exit.index, Some(exit.reason.to_string()));
             return;
         }
@@ -512,6 +521,7 @@ impl TierSupervisor {
         let restart = tier.config.restart.restarts_after(&exit.reason);
         if !restart {
             slot.set_state(AgentState::Stopped);
+            slot.set_down(true);
             return;
         }
         slot.set_state(AgentState::Restarting);
@@ -706,6 +716,9 @@ impl TierSupervisor {
             }
         } else {
             tier.failed.store(true, Ordering::Release);
+            for &child in &tier.children {
+                sup.pool.slot(child).set_down(true);
+            }
         }
     }
 }
@@ -764,6 +777,17 @@ async fn watchdog(sup: Weak<Supervision>) {
         if s.phase.is_stopped() {
             return;
         }
+        // Work queued where every agent is down (a tier the root gave up on) would wait for
+        // nobody: answer it now.
+        s.pool.sweep_dead(|task| {
+            s.admission.release(task.priority);
+            s.ledger.finish(
+                task,
+                Outcome::Error(crate::task::TaskError::new(
+                    "no live agent serves this task's target: every one of them is down",
+                )),
+            );
+        });
         let now = s.pool.ms_at(Instant::now());
         for slot in s.pool.slots() {
             let deadline = slot.deadline_ms();

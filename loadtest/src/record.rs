@@ -33,17 +33,20 @@ pub enum RejectReason {
     Overloaded,
     /// Every agent that could run it was down (HTTP 503 `unavailable`).
     Unavailable,
+    /// Its kind already held its share of the priority's queue (HTTP 429 `kind_full`).
+    KindFull,
 }
 
 impl RejectReason {
     /// Every reason, in report order.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::QueueFull,
         RejectReason::ShuttingDown,
         RejectReason::Invalid,
         RejectReason::InFlightLimit,
         RejectReason::Overloaded,
         RejectReason::Unavailable,
+        RejectReason::KindFull,
     ];
 
     /// The report label.
@@ -55,6 +58,7 @@ impl RejectReason {
             RejectReason::InFlightLimit => "in_flight_limit",
             RejectReason::Overloaded => "overloaded",
             RejectReason::Unavailable => "unavailable",
+            RejectReason::KindFull => "kind_full",
         }
     }
 

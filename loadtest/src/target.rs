@@ -145,6 +145,7 @@ struct AgentsReply {
 fn class_of_submit_error(e: &SubmitError) -> Class {
     Class::Rejected(match e {
         SubmitError::QueueFull { .. } => RejectReason::QueueFull,
+        SubmitError::KindFull { .. } => RejectReason::KindFull,
         SubmitError::ShuttingDown => RejectReason::ShuttingDown,
         SubmitError::Unavailable(_) => RejectReason::Unavailable,
         _ => RejectReason::Invalid,
@@ -156,6 +157,7 @@ fn class_of_refusal(status: u16, code: Option<&str>) -> Class {
     match (status, code) {
         (429 | 503, Some("overloaded")) => Class::Rejected(RejectReason::Overloaded),
         (503, Some("unavailable")) => Class::Rejected(RejectReason::Unavailable),
+        (429, Some("kind_full")) => Class::Rejected(RejectReason::KindFull),
         _ => class_of_status(status),
     }
 }

@@ -1,14 +1,80 @@
 //! A counting bound with an async wait for room: the one backpressure primitive behind both the
-//! per-priority task queues and the agent mailboxes.
+//! per-priority task queues and the agent mailboxes; and [`Shares`], the per-holder variant that
+//! keeps one kind from taking all of a priority's queue.
 //!
 //! Reserving is a compare-and-swap; releasing is a subtraction plus, only when someone is
 //! waiting, a [`Notify`]. A full bound never grows: callers either give up at once
 //! ([`Bound::try_reserve`]) or wait for a release up to a deadline ([`Bound::reserve_until`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::sync::Notify;
+
+use crate::priority::Priority;
+
+/// One holder's share of each priority's places (a kind's share of the task queues): a count
+/// per priority against a bound, taken at admission and given back when the [`ShareGuard`]
+/// drops. No wait: a share used up refuses at once.
+pub(crate) struct Shares {
+    held: [AtomicUsize; Priority::COUNT],
+    bound: [usize; Priority::COUNT],
+}
+
+/// A place in a [`Shares`], given back on drop.
+pub(crate) struct ShareGuard {
+    shares: Arc<Shares>,
+    priority: usize,
+}
+
+impl std::fmt::Debug for ShareGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareGuard")
+            .field("priority", &self.priority)
+            .finish()
+    }
+}
+
+impl Drop for ShareGuard {
+    #[inline]
+    fn drop(&mut self) {
+        self.shares.held[self.priority].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shares {
+    /// Bounds per priority (`usize::MAX`: none).
+    pub(crate) fn new(bound: [usize; Priority::COUNT]) -> Self {
+        Shares {
+            held: std::array::from_fn(|_| AtomicUsize::new(0)),
+            bound,
+        }
+    }
+
+    /// Takes a place at `p`: `Ok(None)` when no bound applies, `Err((held, bound))` when the
+    /// share is used up.
+    #[inline]
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        p: Priority,
+    ) -> Result<Option<ShareGuard>, (usize, usize)> {
+        let i = p.index();
+        let bound = self.bound[i];
+        if bound == usize::MAX {
+            return Ok(None);
+        }
+        let before = self.held[i].fetch_add(1, Ordering::AcqRel);
+        if before >= bound {
+            self.held[i].fetch_sub(1, Ordering::AcqRel);
+            return Err((before, bound));
+        }
+        Ok(Some(ShareGuard {
+            shares: self.clone(),
+            priority: i,
+        }))
+    }
+}
 
 pub(crate) struct Bound {
     count: AtomicUsize,

@@ -80,7 +80,7 @@ impl Default for RuntimeConfig {
 }
 
 /// Task queue bounds and the starvation guard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// Most tasks queued per priority (across all targets). A partial table
@@ -93,6 +93,13 @@ pub struct QueueConfig {
     /// ignored). A partial table keeps the defaults of the levels it leaves out.
     #[serde(deserialize_with = "partial_starvation_limit")]
     pub starvation_limit: PerPriority<u32>,
+    /// How much of each priority's queue the tasks of one target — a capability (every kind
+    /// is one) or one agent — may hold, as a fraction in (0, 1]: a target may have at most
+    /// `kind_share × capacity` tasks queued plus one running per agent that serves it. Past it
+    /// that target's tasks are refused (`KindFull`) while the rest of the queue stays open to
+    /// the others, so one misbehaving kind cannot crowd out its neighbours. It applies only when
+    /// the pool serves more than one capability.
+    pub kind_share: f64,
 }
 
 fn partial_capacity<'de, D: serde::Deserializer<'de>>(
@@ -112,6 +119,7 @@ impl Default for QueueConfig {
         QueueConfig {
             capacity: PerPriority([10_000, 20_000, 50_000, 50_000, 50_000]),
             starvation_limit: PerPriority([u32::MAX, 4, 8, 16, 32]),
+            kind_share: 0.5,
         }
     }
 }
@@ -405,6 +413,15 @@ impl RuntimeConfig {
                     "must be at least 1",
                 ));
             }
+        }
+        if !(self.queues.kind_share > 0.0 && self.queues.kind_share <= 1.0) {
+            return Err(ConfigError::invalid(
+                "queues.kind_share",
+                format!(
+                    "must be above 0 and at most 1 (a fraction of each queue), found {}",
+                    self.queues.kind_share
+                ),
+            ));
         }
         if self.mailbox.capacity == 0 {
             return Err(ConfigError::invalid(

@@ -86,6 +86,21 @@ pub enum SubmitError {
     /// The task is malformed (for example a zero timeout).
     #[error("invalid task: {0}")]
     Invalid(String),
+    /// The task's target already holds its share of this priority's queue
+    /// (`queues.kind_share`): the rest is kept for the other targets.
+    #[error(
+        "{target} already holds {held} of the {capacity} places it may take in the {priority} queue (`queues.kind_share`)"
+    )]
+    KindFull {
+        /// The target (a capability or an agent).
+        target: String,
+        /// The priority.
+        priority: Priority,
+        /// Places it holds (queued and running).
+        held: usize,
+        /// Its share.
+        capacity: usize,
+    },
     /// Every agent that could run the task is down (its tier failed for good, or its agents
     /// stopped); queueing it would only hold room other work needs.
     #[error("no live agent serves {0}: every one of them is down")]
@@ -97,6 +112,7 @@ impl SubmitError {
     pub fn reason_label(&self) -> &'static str {
         match self {
             SubmitError::QueueFull { .. } => "queue_full",
+            SubmitError::KindFull { .. } => "kind_full",
             SubmitError::ShuttingDown => "shutting_down",
             SubmitError::Unavailable(_) => "unavailable",
             SubmitError::UnknownCapability(_)

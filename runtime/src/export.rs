@@ -33,7 +33,13 @@ pub const BUCKETS: [f64; 19] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-const REJECT_REASONS: [&str; 4] = ["queue_full", "shutting_down", "invalid", "unavailable"];
+const REJECT_REASONS: [&str; 5] = [
+    "queue_full",
+    "shutting_down",
+    "invalid",
+    "unavailable",
+    "kind_full",
+];
 const KINDS: [MessageKind; 3] = MessageKind::ALL;
 const STATES: [&str; 3] = ["running", "restarting", "stopped"];
 const VOTES: [&str; 3] = ["unanimous", "majority", "no_quorum"];
@@ -460,11 +466,13 @@ impl MetricsExporter {
                 h.completed[i][o.index()].absolute(ledger.completed(p, o));
             }
             let r = ledger.rejections(p);
-            for (c, n) in
-                h.rejected[i]
-                    .iter()
-                    .zip([r.queue_full, r.shutting_down, r.invalid, r.unavailable])
-            {
+            for (c, n) in h.rejected[i].iter().zip([
+                r.queue_full,
+                r.shutting_down,
+                r.invalid,
+                r.unavailable,
+                r.kind_full,
+            ]) {
                 c.absolute(n);
             }
             h.depth[i].set(admission.depth(p) as f64);

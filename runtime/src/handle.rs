@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::admission::Admission;
+use crate::bound::ShareGuard;
 use crate::bus::{Bus, BusCore};
 use crate::config::RuntimeConfig;
 use crate::error::{Rejected, SubmitError};
@@ -202,8 +203,34 @@ impl Core {
         }
     }
 
-    /// Admits a task whose queue slot is already reserved.
-    fn admit(&self, task: Task, group: u32, internal: bool) -> Result<TaskHandle, Rejected> {
+    /// Takes the task's place in its target's share of the queue, after its queue slot was
+    /// reserved (which this gives back on refusal). Sandboxed tasks have no share.
+    fn take_share(&self, task: &Task, group: u32) -> Result<Option<ShareGuard>, SubmitError> {
+        if task.sandboxed {
+            return Ok(None);
+        }
+        self.parts
+            .pool
+            .take_share(group, task.priority)
+            .map_err(|(held, capacity)| {
+                self.parts.admission.release(task.priority);
+                SubmitError::KindFull {
+                    target: task.target.to_string(),
+                    priority: task.priority,
+                    held,
+                    capacity,
+                }
+            })
+    }
+
+    /// Admits a task whose queue slot (and share) is already reserved.
+    fn admit(
+        &self,
+        task: Task,
+        group: u32,
+        share: Option<ShareGuard>,
+        internal: bool,
+    ) -> Result<TaskHandle, Rejected> {
         let p = task.priority;
         let _pass = match self.parts.admission.enter(internal) {
             Ok(pass) => pass,
@@ -228,6 +255,7 @@ impl Core {
             submitted_at: now,
             enqueued_at: now,
             group,
+            share,
             completion: Completion::new(Some(tx)),
         };
         if task.sandboxed {
@@ -366,7 +394,11 @@ impl RuntimeHandle {
         if let Err(e) = c.parts.admission.try_reserve(task.priority) {
             return Err(c.reject(task, e));
         }
-        c.admit(task, group, self.internal)
+        let share = match c.take_share(&task, group) {
+            Ok(s) => s,
+            Err(e) => return Err(c.reject(task, e)),
+        };
+        c.admit(task, group, share, self.internal)
     }
 
     /// Submits a task, waiting up to `max_wait` for room in its priority's queue.
@@ -384,7 +416,11 @@ impl RuntimeHandle {
         {
             return Err(c.reject(task, e));
         }
-        c.admit(task, group, self.internal)
+        let share = match c.take_share(&task, group) {
+            Ok(s) => s,
+            Err(e) => return Err(c.reject(task, e)),
+        };
+        c.admit(task, group, share, self.internal)
     }
 
     /// Runs `task` in the tri-sandbox and returns the verdict: the output two lanes agreed on

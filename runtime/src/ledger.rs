@@ -56,6 +56,8 @@ pub struct RejectionCounts {
     pub invalid: u64,
     /// Every agent that could run it was down.
     pub unavailable: u64,
+    /// Its target already held its share of the queue (`queues.kind_share`).
+    pub kind_full: u64,
 }
 
 /// One priority's counts and latencies.
@@ -84,8 +86,8 @@ pub struct PriorityStats {
 pub(crate) struct Ledger {
     submitted: PerPriority<StripedCounter>,
     completed: PerPriority<[StripedCounter; OutcomeKind::ALL.len()]>,
-    /// By reason: queue_full, shutting_down, invalid, unavailable.
-    rejected: PerPriority<[StripedCounter; 4]>,
+    /// By reason: queue_full, shutting_down, invalid, unavailable, kind_full.
+    rejected: PerPriority<[StripedCounter; 5]>,
     queue_wait: PerPriority<LatencyHistogram>,
     handler: PerPriority<LatencyHistogram>,
     latency: PerPriority<LatencyHistogram>,
@@ -98,6 +100,7 @@ fn rejected_index(error: &SubmitError) -> usize {
         "queue_full" => 0,
         "shutting_down" => 1,
         "unavailable" => 3,
+        "kind_full" => 4,
         _ => 2,
     }
 }
@@ -216,6 +219,7 @@ impl Ledger {
             shutting_down: self.rejected[p][1].get(),
             invalid: self.rejected[p][2].get(),
             unavailable: self.rejected[p][3].get(),
+            kind_full: self.rejected[p][4].get(),
         }
     }
 

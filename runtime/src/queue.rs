@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crossbeam_queue::SegQueue;
 
+use crate::bound::{ShareGuard, Shares};
 use crate::priority::{PerPriority, Priority};
 use crate::task::QueuedTask;
 
@@ -39,10 +40,14 @@ pub(crate) struct WorkGroup {
     /// Members not stopped (starting, running or restarting): while 0, nobody will ever take
     /// a task queued here.
     live: AtomicUsize,
+    /// Its share of each priority's queue: tasks queued or running, against a bound.
+    shares: std::sync::Arc<Shares>,
 }
 
 impl WorkGroup {
-    pub(crate) fn new() -> Self {
+    /// A group whose tasks may hold at most `share[p]` places at priority `p`
+    /// (`usize::MAX`: no bound).
+    pub(crate) fn new(share: [usize; Priority::COUNT]) -> Self {
         WorkGroup {
             levels: std::array::from_fn(|_| Level {
                 queue: SegQueue::new(),
@@ -51,7 +56,15 @@ impl WorkGroup {
             }),
             idle: SegQueue::new(),
             live: AtomicUsize::new(0),
+            shares: std::sync::Arc::new(Shares::new(share)),
         }
+    }
+
+    /// Takes a place in this group's share at `p`; `Err((held, bound))` if it is used up.
+    /// `None` when no share applies (nothing to give back).
+    #[inline]
+    pub(crate) fn take_share(&self, p: Priority) -> Result<Option<ShareGuard>, (usize, usize)> {
+        self.shares.take(p)
     }
 
     /// Counts a member coming to life (or joining, at start).

@@ -426,5 +426,9 @@ pub(crate) struct QueuedTask {
     pub(crate) enqueued_at: Instant,
     /// Index of the work group it was queued on (retries go back there).
     pub(crate) group: u32,
+    /// Its place in the group's share of the priority queue: held, never read, until the task
+    /// is dropped after its outcome.
+    #[allow(dead_code)]
+    pub(crate) share: Option<crate::bound::ShareGuard>,
     pub(crate) completion: Completion,
 }

@@ -175,3 +175,74 @@ async fn the_share_is_configurable_down_to_strict_priority() {
     let last_high = order.iter().rposition(|n| n.starts_with('c')).unwrap();
     assert_eq!(last_high, 599);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_kind_cannot_crowd_its_neighbours_out_of_a_queue() {
+    use troupe::{Outcome, SubmitError};
+    // Two kinds share a background queue of 100; each may hold half of it queued, plus one
+    // running task per agent (2 for `stuck`).
+    let mut config =
+        RuntimeConfig::default().tier(TierConfig::new("t").agents("stuck", 2).agents("rec", 1));
+    config.queues.capacity = PerPriority([100; 5]);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (l, g) = (log.clone(), gate.clone());
+    let (l2, g2) = (log.clone(), gate.clone());
+    let rt = Runtime::builder(config)
+        .register("stuck", move |_spec| Recorder {
+            log: l.clone(),
+            gate: g.clone(),
+        })
+        .register("rec", move |_spec| Recorder {
+            log: l2.clone(),
+            gate: g2.clone(),
+        })
+        .start()
+        .await
+        .unwrap();
+    // A misbehaving kind floods background with work that never ends.
+    let mut stuck = Vec::new();
+    let mut refused = 0;
+    for _ in 0..1500 {
+        match rt.try_submit(Task::new("stuck", "block").priority(Priority::Background)) {
+            Ok(h) => stuck.push(h),
+            Err(r) => {
+                assert!(
+                    matches!(
+                        r.error,
+                        SubmitError::KindFull {
+                            held: 52,
+                            capacity: 52,
+                            ..
+                        }
+                    ),
+                    "{:?}",
+                    r.error
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((stuck.len(), refused), (52, 1448));
+    // Its neighbour still gets into the same queue, and runs.
+    for i in 0..40 {
+        let h = rt
+            .try_submit(Task::new("rec", format!("n{i}")).priority(Priority::Background))
+            .unwrap();
+        assert!(matches!(h.await, Outcome::Ok(_)));
+    }
+    assert_eq!(
+        rt.stats().priority(Priority::Background).rejected.kind_full,
+        1448
+    );
+    // Places are given back when tasks end.
+    gate.add_permits(1000);
+    for h in stuck {
+        assert!(h.await.is_ok());
+    }
+    assert!(
+        rt.try_submit(Task::new("stuck", "x").priority(Priority::Background))
+            .is_ok()
+    );
+    rt.shutdown().await;
+}

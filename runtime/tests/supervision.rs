@@ -280,7 +280,7 @@ async fn a_tier_the_root_gave_up_on_holds_no_capacity() {
         period: Duration::from_secs(60),
     };
     config.liveness.heartbeat = Duration::from_millis(20);
-    config.queues.capacity = troupe::PerPriority([4; 5]);
+    config.queues.capacity = troupe::PerPriority([16; 5]);
     let (rt, _) = start(config).await;
     // Block the fragile agent, queue work behind it, then crash it.
     let blocker = rt.try_submit(Task::new("f", "sleep:100")).unwrap();

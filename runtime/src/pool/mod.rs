@@ -51,9 +51,35 @@ impl Pool {
                 }
             }
         }
-        let mut groups: Vec<Arc<WorkGroup>> = capability_names
+        // Each target's share of each priority's queue: its agents busy plus a fraction of the
+        // queue (`queues.kind_share`); none with a single capability (its share would only
+        // shrink the one queue everyone uses).
+        let mut member_counts = vec![0usize; capability_names.len()];
+        for group in config.tiers.iter().flat_map(|t| &t.agents) {
+            let mut seen: Vec<u32> = Vec::new();
+            for name in std::iter::once(&group.kind).chain(&group.capabilities) {
+                if let Some(&c) = capability_index.get(name) {
+                    if !seen.contains(&c) {
+                        seen.push(c);
+                        member_counts[c as usize] += group.count;
+                    }
+                }
+            }
+        }
+        let shares = capability_names.len() > 1 && config.queues.kind_share < 1.0;
+        let share_of = |members: usize| -> [usize; crate::priority::Priority::COUNT] {
+            if !shares {
+                return [usize::MAX; crate::priority::Priority::COUNT];
+            }
+            std::array::from_fn(|i| {
+                let queued =
+                    (config.queues.capacity.0[i] as f64 * config.queues.kind_share) as usize;
+                queued.max(1).saturating_add(members)
+            })
+        };
+        let mut groups: Vec<Arc<WorkGroup>> = member_counts
             .iter()
-            .map(|_| Arc::new(WorkGroup::new()))
+            .map(|&m| Arc::new(WorkGroup::new(share_of(m))))
             .collect();
         let group_of = |name: &str| capability_index.get(name).copied().unwrap_or(0) as usize;
 
@@ -75,7 +101,7 @@ impl Pool {
                 let params = Arc::new(group.params.clone());
                 for _ in 0..group.count {
                     let index = slots.len() as u32;
-                    let own = Arc::new(WorkGroup::new());
+                    let own = Arc::new(WorkGroup::new(share_of(1)));
                     groups.push(own.clone());
                     let mut member_of = vec![own];
                     member_of.extend(capabilities.iter().map(|c| groups[group_of(c)].clone()));
@@ -153,6 +179,19 @@ impl Pool {
                     Err(SubmitError::UnknownAgent(*id))
                 }
             }
+        }
+    }
+
+    /// Takes a place in group `group`'s share of priority `p`'s queue.
+    #[inline]
+    pub(crate) fn take_share(
+        &self,
+        group: u32,
+        p: crate::priority::Priority,
+    ) -> Result<Option<crate::bound::ShareGuard>, (usize, usize)> {
+        match self.groups.get(group as usize) {
+            Some(g) => g.take_share(p),
+            None => Ok(None),
         }
     }
 

@@ -541,6 +541,7 @@ impl RuntimeHandle {
             reasons.push("shutting down".to_owned());
         }
         reasons.extend(c.parts.supervision.failures());
+        reasons.extend(c.parts.sandbox.failures());
         Health {
             ready: reasons.is_empty(),
             reasons,

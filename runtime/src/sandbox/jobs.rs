@@ -24,6 +24,37 @@ pub(crate) struct Job {
     pub(crate) payload: Bytes,
     pub(crate) timeout: Duration,
     pub(crate) reply: oneshot::Sender<LaneResult>,
+    /// Shared with the unifier: whoever moves it first decides whether the job runs.
+    pub(crate) state: Arc<JobState>,
+}
+
+/// Whether a lane's job is still awaited: the unifier marks it once the vote is decided
+/// without it; a lane that finds such a job while other jobs wait behind it skips it (answers
+/// `Skipped` without running it), so a slow lane never works through a backlog nobody awaits.
+#[derive(Default)]
+pub(crate) struct JobState(std::sync::atomic::AtomicBool);
+
+impl JobState {
+    /// The vote no longer needs this job.
+    pub(crate) fn decide(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// True once the vote was decided without this job.
+    pub(crate) fn decided(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Answers `job` `Skipped` if the vote no longer needs it and other jobs wait on the lane;
+/// otherwise hands it back to run.
+pub(crate) fn skip_if_unneeded(job: Job, queue: &async_channel::Receiver<Job>) -> Option<Job> {
+    if job.state.decided() && !queue.is_empty() {
+        let _ = job.reply.send(LaneResult::Skipped);
+        None
+    } else {
+        Some(job)
+    }
 }
 
 impl Job {
@@ -72,9 +103,16 @@ impl LaneJobs {
         }
     }
 
-    /// The next job, or `None` once the lane is shut down.
+    /// The next job to run, or `None` once the lane is shut down. A job the vote no longer
+    /// needs is answered `Skipped` instead while others wait behind it.
     pub(crate) async fn next(&self) -> Option<Job> {
-        self.jobs.recv().await.ok()
+        loop {
+            let job = self.jobs.recv().await.ok()?;
+            match skip_if_unneeded(job, &self.jobs) {
+                Some(job) => return Some(job),
+                None => continue,
+            }
+        }
     }
 
     /// True once this instance's lane thread was replaced: it leaves after the job in hand.
@@ -100,9 +138,9 @@ pub(crate) struct KindLanes {
 impl KindLanes {
     /// The channels of `kind`, judged by `policy`.
     pub(crate) fn new(kind: &SandboxKindConfig, policy: SandboxPolicy) -> Self {
-        // Unbounded by type, bounded in fact: a lane queue holds at most one job per admitted
-        // sandboxed task, and admission caps those per priority. (A bounded channel would
-        // allocate its whole capacity up front: ~20 MB per kind.)
+        // Unbounded by type, bounded in fact: dispatch refuses a lane whose queue holds
+        // `sandbox.lane_queue` jobs (a bounded channel would allocate its whole capacity up
+        // front), and jobs the vote no longer needs are skipped, not run.
         let channels: [(async_channel::Sender<Job>, async_channel::Receiver<Job>); 3] =
             std::array::from_fn(|_| async_channel::unbounded());
         let [(s0, r0), (s1, r1), (s2, r2)] = channels;

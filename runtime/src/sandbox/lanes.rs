@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::jobs::{Job, KindLanes, LaneJobs, LaneSpawnFn};
+use super::jobs::{Job, JobState, KindLanes, LaneJobs, LaneSpawnFn};
 use super::model::{
     Comparator, Lane, LaneMode, LaneResult, LaneStats, Policies, SandboxConfig, SandboxError,
     SandboxStats, Verdict,
@@ -35,7 +35,7 @@ use crate::telemetry::StripedCounter;
 /// Counters of the sandbox, resolved once.
 #[derive(Default)]
 struct SandboxTelemetry {
-    executions: [[StripedCounter; 6]; 3],
+    executions: [[StripedCounter; 7]; 3],
     votes: [StripedCounter; 3],
     dissent: [StripedCounter; 3],
 }
@@ -46,6 +46,8 @@ struct LaneThread {
     heartbeat: AtomicU64,
     generation: Arc<AtomicU64>,
     handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Set while the lane has `sandbox.max_stuck_threads` threads blocked and no live one.
+    out: AtomicBool,
 }
 
 /// The tri-sandbox: lanes, their executors, and the counters of its votes.
@@ -99,6 +101,7 @@ impl Sandbox {
                 heartbeat: AtomicU64::new(0),
                 generation: Arc::new(AtomicU64::new(0)),
                 handles: Mutex::new(Vec::new()),
+                out: AtomicBool::new(false),
             }),
             epoch: Instant::now(),
             telemetry: SandboxTelemetry::default(),
@@ -286,11 +289,69 @@ impl Sandbox {
         {
             return;
         }
+        // Threads left blocked in handlers cost a thread each, forever if the handler never
+        // returns: past the cap, stop replacing and take the lane out instead.
+        let stuck = {
+            let mut handles = lock(&t.handles);
+            handles.retain(|h| !h.is_finished());
+            handles.len()
+        };
+        if stuck >= self.config.max_stuck_threads {
+            if !t.out.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    lane = %lane,
+                    stuck,
+                    "sandbox lane has {stuck} threads stuck in handlers (sandbox.max_stuck_threads); \
+                     the lane is unavailable until one comes back"
+                );
+            }
+            return;
+        }
+        t.out.store(false, Ordering::Release);
         tracing::error!(lane = %lane, stalled_ms = age, "sandbox lane thread is stuck; starting a replacement");
         t.generation.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = spawn_lane_thread(self.clone(), lane) {
             tracing::error!(lane = %lane, error = %e, "could not start a replacement lane thread");
         }
+    }
+
+    /// Why lanes are down, for health: a thread lane out of threads (and not back yet).
+    pub(crate) fn failures(&self) -> Vec<String> {
+        let now = self.now_ms();
+        Lane::ALL
+            .iter()
+            .filter(|l| {
+                let t = &self.threads[l.index()];
+                t.out.load(Ordering::Acquire)
+                    && now.saturating_sub(t.heartbeat.load(Ordering::Acquire))
+                        >= 10 * TICK.as_millis() as u64
+            })
+            .map(|l| {
+                format!(
+                    "sandbox lane {l} is unavailable: {} of its threads are stuck in handlers \
+                     (sandbox.max_stuck_threads)",
+                    self.config.max_stuck_threads
+                )
+            })
+            .collect()
+    }
+
+    /// True if `lane` takes no jobs (out of threads); checked at dispatch. A lane whose live
+    /// thread ticks again (its handler came back) is back in.
+    fn lane_out(&self, lane: Lane, lanes: &KindLanes) -> bool {
+        let t = &self.threads[lane.index()];
+        if lanes.mode != LaneMode::Threads || !t.out.load(Ordering::Acquire) {
+            return false;
+        }
+        let age = self
+            .now_ms()
+            .saturating_sub(t.heartbeat.load(Ordering::Acquire));
+        if age < 10 * TICK.as_millis() as u64 {
+            t.out.store(false, Ordering::Release);
+            tracing::info!(lane = %lane, "sandbox lane thread is back; the lane takes jobs again");
+            return false;
+        }
+        true
     }
 
     /// Cancels pending votes (shutdown's cancel phase): each answers `cancelled`.
@@ -468,17 +529,38 @@ impl Sandbox {
         let priority = responder.priority();
         let mut receivers: [Option<oneshot::Receiver<LaneResult>>; 3] = [None, None, None];
         let mut immediate: Vec<(Lane, LaneResult)> = Vec::new();
+        let mut states: [Option<Arc<JobState>>; 3] = [None, None, None];
         for lane in Lane::ALL {
+            let sender = &lanes.senders[lane.index()];
+            if self.lane_out(lane, &lanes) {
+                immediate.push((
+                    lane,
+                    LaneResult::Unavailable("lane is out of threads".into()),
+                ));
+                continue;
+            }
+            if sender.len() >= self.config.lane_queue {
+                immediate.push((
+                    lane,
+                    LaneResult::Unavailable("lane job queue is full".into()),
+                ));
+                continue;
+            }
             let (tx, rx) = oneshot::channel();
+            let state = Arc::new(JobState::default());
             let job = Job {
                 task: id,
                 priority,
                 payload: payload.clone(),
                 timeout,
                 reply: tx,
+                state: state.clone(),
             };
-            match lanes.senders[lane.index()].try_send(job) {
-                Ok(()) => receivers[lane.index()] = Some(rx),
+            match sender.try_send(job) {
+                Ok(()) => {
+                    receivers[lane.index()] = Some(rx);
+                    states[lane.index()] = Some(state);
+                }
                 Err(e) => {
                     let why = if e.is_closed() {
                         "lane is shut down"
@@ -491,7 +573,7 @@ impl Sandbox {
         }
         let sb = self.clone();
         self.rt.spawn(async move {
-            unify(sb, lanes, receivers, immediate, timeout, responder).await;
+            unify(sb, lanes, receivers, states, immediate, timeout, responder).await;
         });
     }
 }
@@ -500,6 +582,7 @@ async fn unify(
     sb: Arc<Sandbox>,
     lanes: Arc<KindLanes>,
     mut receivers: [Option<oneshot::Receiver<LaneResult>>; 3],
+    states: [Option<Arc<JobState>>; 3],
     immediate: Vec<(Lane, LaneResult)>,
     timeout: Duration,
     responder: Responder,
@@ -540,7 +623,15 @@ async fn unify(
     let deadline = tokio::time::sleep(timeout + grace);
     tokio::pin!(deadline);
     let [mut ra, mut rb, mut rc] = std::mem::take(&mut receivers);
+    let mut marked = false;
     while !ballot.complete() {
+        if responder.is_none() && !marked {
+            // Decided: a lane still holding its job in a backlog may skip it.
+            for s in states.iter().flatten() {
+                s.decide();
+            }
+            marked = true;
+        }
         async fn recv(r: &mut Option<oneshot::Receiver<LaneResult>>) -> LaneResult {
             match r.as_mut() {
                 Some(rx) => rx

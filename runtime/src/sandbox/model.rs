@@ -67,14 +67,24 @@ pub enum LaneResult {
     Timeout,
     /// The lane's worker process died while running the job.
     Crashed(String),
-    /// The lane could not take the job (its agent failed to start, or it is shutting down).
+    /// The lane could not take the job (its agent failed to start, its queue is full, it has
+    /// too many stuck threads, or it is shutting down).
     Unavailable(String),
+    /// The vote was decided before the lane started the job, so it was not run.
+    Skipped,
 }
 
 impl LaneResult {
     /// All outcome labels, in counter order.
-    pub const LABELS: [&'static str; 6] =
-        ["ok", "error", "panic", "timeout", "crashed", "unavailable"];
+    pub const LABELS: [&'static str; 7] = [
+        "ok",
+        "error",
+        "panic",
+        "timeout",
+        "crashed",
+        "unavailable",
+        "skipped",
+    ];
 
     /// The `outcome` label of `troupe_sandbox_lane_executions_total`.
     pub fn label(&self) -> &'static str {
@@ -89,6 +99,7 @@ impl LaneResult {
             LaneResult::Timeout => 3,
             LaneResult::Crashed(_) => 4,
             LaneResult::Unavailable(_) => 5,
+            LaneResult::Skipped => 6,
         }
     }
 }
@@ -102,6 +113,7 @@ impl fmt::Display for LaneResult {
             LaneResult::Timeout => f.write_str("timeout"),
             LaneResult::Crashed(c) => write!(f, "crashed: {c}"),
             LaneResult::Unavailable(u) => write!(f, "unavailable: {u}"),
+            LaneResult::Skipped => f.write_str("skipped (the vote was decided without it)"),
         }
     }
 }
@@ -184,6 +196,12 @@ pub struct SandboxConfig {
     pub kinds: Vec<SandboxKindConfig>,
     /// Worker command for process lanes.
     pub process: Option<ProcessConfig>,
+    /// Most jobs waiting on one lane of one kind; past it the lane answers `unavailable` at
+    /// once (the other two lanes can still agree).
+    pub lane_queue: usize,
+    /// Most threads of one thread lane left blocked in a handler: past it no replacement is
+    /// started, the lane is unavailable (health says why) until one of them comes back.
+    pub max_stuck_threads: usize,
 }
 
 impl Default for SandboxConfig {
@@ -192,6 +210,8 @@ impl Default for SandboxConfig {
             lane_timeout: Duration::from_secs(5),
             kinds: Vec::new(),
             process: None,
+            lane_queue: 1024,
+            max_stuck_threads: 4,
         }
     }
 }
@@ -202,6 +222,12 @@ impl SandboxConfig {
             return Err(ConfigError::invalid(
                 "sandbox.lane_timeout",
                 "must be above zero",
+            ));
+        }
+        if self.lane_queue == 0 {
+            return Err(ConfigError::invalid(
+                "sandbox.lane_queue",
+                "must be at least 1",
             ));
         }
         let mut seen = std::collections::HashSet::new();

@@ -105,6 +105,10 @@ pub(crate) async fn slot(sb: Arc<Census>, lanes: Arc<KindLanes>, lane: Lane, com
     let mut worker: Option<Worker> = None;
     let mut job_no = 0u64;
     while let Ok(job) = jobs.recv().await {
+        // The vote was decided without this lane and others wait: nobody awaits this answer.
+        let Some(job) = super::jobs::skip_if_unneeded(job, &jobs) else {
+            continue;
+        };
         if worker.is_none() {
             match spawn_worker(&command, &lanes.kind).await {
                 Ok(w) => {

@@ -112,15 +112,19 @@ impl Ballot {
     }
 
     /// The final tally and the lanes that dissented from the majority (returned a different
-    /// output or failed while two others agreed).
+    /// output or failed while two others agreed). A skipped lane did not vote: it is neither
+    /// in agreement nor dissent, and the vote is at most a majority.
     pub(crate) fn tally(&self, eq: &Comparator) -> (VoteResult, Vec<Lane>) {
         match self.decide(eq) {
             Some(Decision::Agreed { output, .. }) => {
+                let skipped =
+                    |l: &Lane| matches!(self.results[l.index()], Some(LaneResult::Skipped));
                 let dissent: Vec<Lane> = Lane::ALL
                     .into_iter()
+                    .filter(|l| !skipped(l))
                     .filter(|l| !self.ok(l.index()).is_some_and(|b| eq(b, &output)))
                     .collect();
-                let result = if dissent.is_empty() {
+                let result = if dissent.is_empty() && !Lane::ALL.iter().any(skipped) {
                     VoteResult::Unanimous
                 } else {
                     VoteResult::Majority

@@ -97,6 +97,7 @@ where
                     payload: run.payload,
                     timeout: Duration::from_millis(run.timeout_ms),
                     reply,
+                    state: Default::default(),
                 };
                 if tx.send(job).await.is_err() {
                     JobResult::Error("lane worker is gone".into())

@@ -74,14 +74,38 @@ pub enum NodeConfigError {
 pub struct HttpConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Bearer token for mutating endpoints.
+    /// Bearer token: when set, every endpoint but `/health`, `/health/ready` and `/metrics`
+    /// requires `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// A second token that opens the read-only endpoints (`GET`) but not the mutating ones,
+    /// for dashboards and pollers.
+    pub read_token: Option<String>,
     /// Largest accepted task or message payload.
     pub max_payload_bytes: usize,
     /// Bind to a non-loopback address even without a token.
     pub allow_non_loopback: bool,
-    /// How many finished task records `GET /v1/tasks/{id}` remembers.
+    /// How many task records `GET /v1/tasks/{id}` remembers at most.
     pub task_records: usize,
+    /// How many bytes of task records it keeps at most (outputs included); the oldest go first.
+    pub task_record_bytes: usize,
+    /// The largest output a record keeps; a larger one is dropped from the record, which says
+    /// so (a `?wait=true` response still carries it whole).
+    pub max_record_output_bytes: usize,
+    /// Most connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a request's headers may take to arrive.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: std::time::Duration,
+    /// Time a request's body may take to arrive.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: std::time::Duration,
+    /// Time a connection may sit idle between requests before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: std::time::Duration,
+    /// After shutdown, how long the node keeps answering reads once every task record is
+    /// final, so clients polling `/v1/tasks/{id}` can see their outcome.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: std::time::Duration,
     /// Most tasks HTTP clients may have in the pool at once (0: no limit). Past it a submission
     /// is refused at once with 429 `overloaded` and `Retry-After` (lower priorities first:
     /// `normal` at 90 % of it, `low` at 75 %, `background` at 60 %; `critical` never).
@@ -96,6 +120,14 @@ impl Default for HttpConfig {
             max_payload_bytes: 1 << 20,
             allow_non_loopback: false,
             task_records: 100_000,
+            task_record_bytes: 256 << 20,
+            max_record_output_bytes: 64 << 10,
+            max_connections: 10_000,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(30),
+            idle_timeout: std::time::Duration::from_secs(60),
+            shutdown_grace: std::time::Duration::from_secs(2),
+            read_token: None,
             max_in_flight_tasks: 2048,
         }
     }
@@ -120,6 +152,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Default level when neither RUST_LOG nor LOG_LEVEL is set.
     pub level: Option<String>,
+    /// Log a panic's backtrace with its one line (captured at the panic, whatever
+    /// `RUST_BACKTRACE` says; the first capture costs tens of MB of memory).
+    pub panic_backtraces: bool,
 }
 
 /// Span export.
@@ -145,6 +180,17 @@ impl Default for TracingConfig {
     }
 }
 
+/// How the node spreads its threads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThreadsConfig {
+    /// Worker threads of the agents' runtime; the number of cores when absent.
+    pub agents: Option<usize>,
+    /// Worker threads of the control plane (HTTP, signals, the watchdog, shutdown), apart
+    /// from the agents', so health, metrics and shutdown answer whatever agents do.
+    pub control: Option<usize>,
+}
+
 /// The whole node config.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -159,6 +205,8 @@ pub struct NodeConfig {
     pub tracing: TracingConfig,
     /// Runtime settings (its `tiers` are replaced by the catalogue's).
     pub runtime: RuntimeConfig,
+    /// Threads.
+    pub threads: ThreadsConfig,
 }
 
 /// A node config resolved into what `serve` runs.
@@ -194,6 +242,32 @@ impl NodeConfig {
                 reason: other.to_string(),
             },
         })?;
+        for (field, zero) in [
+            ("http.max_connections", config.http.max_connections == 0),
+            (
+                "http.header_read_timeout",
+                config.http.header_read_timeout.is_zero(),
+            ),
+            ("http.body_timeout", config.http.body_timeout.is_zero()),
+            ("http.idle_timeout", config.http.idle_timeout.is_zero()),
+            ("threads.agents", config.threads.agents == Some(0)),
+            ("threads.control", config.threads.control == Some(0)),
+        ] {
+            if zero {
+                return Err(NodeConfigError::Invalid {
+                    path: origin.to_owned(),
+                    field: field.into(),
+                    reason: "must be above zero".into(),
+                });
+            }
+        }
+        if config.http.read_token.is_some() && config.http.token.is_none() {
+            return Err(NodeConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "http.read_token".into(),
+                reason: "needs `http.token` (without one, reads are open to all)".into(),
+            });
+        }
         if config.http.max_payload_bytes == 0 {
             return Err(NodeConfigError::Invalid {
                 path: origin.to_owned(),

@@ -3,6 +3,7 @@
 
 mod admission;
 mod config;
+mod listen;
 mod server;
 mod slo;
 mod store;
@@ -10,6 +11,7 @@ mod store;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -293,20 +295,41 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
     let http = resolved.node.http.clone();
     if http.token.is_none() && !http.listen.ip().is_loopback() && !http.allow_non_loopback {
         bail!(
-            "refusing to listen on {} without `http.token`: mutating endpoints would be open \
-             to the network (set a token, or `http.allow_non_loopback = true`)",
+            "refusing to listen on {} without `http.token`: the API would be open to the \
+             network (set a token, or `http.allow_non_loopback = true`)",
             http.listen
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // Every connection is a file descriptor: take what the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_files = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+    let threads = resolved.node.threads.clone();
+    let backtraces = resolved.node.log.panic_backtraces;
+    resolved.runtime.telemetry.panic_hook = true;
+    resolved.runtime.telemetry.panic_backtraces = backtraces;
+    install_panic_hook(backtraces);
+    // Two runtimes: the agents' workers, and a control plane (HTTP, signals, the watchdog,
+    // shutdown) that answers whatever the agents do to their threads.
+    let mut agents = tokio::runtime::Builder::new_multi_thread();
+    agents.enable_all().thread_name("troupe-agent");
+    if let Some(n) = threads.agents {
+        agents.worker_threads(n);
+    }
+    let agents = agents.build().context("building the agents' runtime")?;
+    let control = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name("troupe-control")
+        .worker_threads(threads.control.unwrap_or(1))
         .build()
-        .context("building the Tokio runtime")?;
-    rt.block_on(async move {
-        let runtime = troupe_agents::register_kinds(troupe::Runtime::builder(resolved.runtime))
-            .start()
-            .await
-            .context("starting the pool")?;
+        .context("building the control runtime")?;
+    let builder = troupe_agents::register_kinds(troupe::Runtime::builder(resolved.runtime))
+        .control_runtime(control.handle().clone());
+    let runtime = agents
+        .block_on(builder.start())
+        .context("starting the pool")?;
+    let result = control.block_on(async move {
         let state = server::AppState::new(runtime.handle(), &http);
         tokio::spawn(
             state
@@ -314,7 +337,7 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
                 .clone()
                 .control(runtime.queue_wait_window(None)),
         );
-        let app = server::router(state);
+        let app = server::router(state.clone());
         let listener = tokio::net::TcpListener::bind(http.listen)
             .await
             .with_context(|| format!("binding {}", http.listen))?;
@@ -323,18 +346,45 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         // Tests and scripts read the address from the first line of standard output.
         println!("listening on http://{addr}");
 
+        let conn_metrics = listen::ConnMetrics {
+            open: state.exporter().gauge(
+                "troupe_http_connections",
+                "HTTP connections open.",
+                &[],
+            ),
+            refused: state.exporter().counter(
+                "troupe_http_connections_refused_total",
+                "HTTP connections refused at http.max_connections.",
+                &[],
+            ),
+        };
+        let limits = listen::Limits {
+            max_connections: http.max_connections,
+            header_read_timeout: http.header_read_timeout,
+            idle_timeout: http.idle_timeout,
+        };
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = http_stopped.await;
-                })
-                .await
-        });
+        let server = tokio::spawn(listen::serve(
+            listener,
+            app,
+            limits,
+            conn_metrics,
+            async {
+                let _ = http_stopped.await;
+            },
+            Duration::from_secs(2),
+        ));
         shutdown_signal().await;
         tracing::info!("signal received: draining");
-        // Close admission and drain first: requests waiting on tasks get their outcomes.
+        // Shut the pool down (the API stays up: waiting requests get their outcomes, new work
+        // is refused with 503), then keep answering reads until every record is final and a
+        // little longer, so clients polling their tasks see how they ended.
         let report = runtime.shutdown().await;
+        let settle_until = std::time::Instant::now() + Duration::from_secs(5);
+        while state.store().pending() > 0 && std::time::Instant::now() < settle_until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(http.shutdown_grace).await;
         let _ = stop_http.send(());
         server
             .await
@@ -354,9 +404,41 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
             report.drained, report.cancelled, report.abandoned, report.outstanding, report.admitted
         );
         Ok::<(), anyhow::Error>(())
-    })?;
+    });
+    // Agents whose handlers never gave their threads back are left behind, not waited for.
+    agents.shutdown_background();
+    control.shutdown_background();
+    result?;
     flush(otel);
     Ok(())
+}
+
+/// Every panic of the node is one structured log line (an agent's is logged by the runtime's
+/// own hook, installed at start, which hands everything else to this one): no multi-line
+/// stderr output, and a backtrace only when `log.panic_backtraces` asks for one.
+fn install_panic_hook(backtraces: bool) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-string panic payload)");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        if backtraces {
+            let backtrace = std::backtrace::Backtrace::force_capture().to_string();
+            tracing::error!(target: "troupe::panic", panic = message, location, thread, backtrace, "panic");
+        } else {
+            tracing::error!(target: "troupe::panic", panic = message, location, thread, "panic");
+        }
+    }));
 }
 
 /// Exports the spans still buffered.

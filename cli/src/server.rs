@@ -52,7 +52,9 @@ pub struct AppState {
     exporter: MetricsExporter,
     store: TaskStore,
     token: Option<String>,
+    read_token: Option<String>,
     max_payload: usize,
+    body_timeout: Duration,
     admission: Arc<Admission>,
     routes: DashMap<Arc<str>, Arc<RouteMetrics>>,
 }
@@ -75,9 +77,15 @@ impl AppState {
             admission: Admission::new(http.max_in_flight_tasks, shed),
             runtime,
             exporter,
-            store: TaskStore::new(http.task_records),
+            store: TaskStore::new(
+                http.task_records,
+                http.task_record_bytes,
+                http.max_record_output_bytes,
+            ),
             token: http.token.clone(),
+            read_token: http.read_token.clone(),
             max_payload: http.max_payload_bytes,
+            body_timeout: http.body_timeout,
             routes: DashMap::new(),
         })
     }
@@ -85,6 +93,16 @@ impl AppState {
     /// The node's load shedding.
     pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// The task records.
+    pub fn store(&self) -> &TaskStore {
+        &self.store
+    }
+
+    /// The exporter, for metrics of layers around the HTTP API (connections).
+    pub fn exporter(&self) -> &MetricsExporter {
+        &self.exporter
     }
 
     /// The handles of `route`, created on its first request.
@@ -229,10 +247,22 @@ impl From<BusError> for ApiError {
 
 /// The router with every route, auth and HTTP metrics.
 pub fn router(state: Arc<AppState>) -> Router {
+    // With a token set, everything but liveness, readiness and metrics needs it; reads also
+    // take the read token.
     let mutating = Router::new()
         .route("/v1/tasks", post(submit_task))
+        .route("/v1/tasks/batch", post(submit_batch))
         .route("/v1/messages", post(send_message))
+        .route("/v1/messages/batch", post(send_batch))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let reads = Router::new()
+        .route("/stats", get(stats))
+        .route("/v1/tasks/{id}", get(task_status))
+        .route("/v1/agents", get(agents))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_read_token,
+        ));
     Router::new()
         .route("/metrics", get(metrics_text))
         .route(
@@ -240,9 +270,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { Json(json!({ "status": "alive" })) }),
         )
         .route("/health/ready", get(ready))
-        .route("/stats", get(stats))
-        .route("/v1/tasks/{id}", get(task_status))
-        .route("/v1/agents", get(agents))
+        .merge(reads)
         .merge(mutating)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -292,6 +320,22 @@ async fn record_http(State(state): State<Arc<AppState>>, req: Request, next: Nex
     resp
 }
 
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn unauthorized(what: &str) -> Response {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        format!("this endpoint needs `Authorization: Bearer <{what}>`"),
+    )
+    .into_response()
+}
+
 async fn require_token(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -299,17 +343,25 @@ async fn require_token(
     next: Next,
 ) -> Response {
     if let Some(token) = &state.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this endpoint needs `Authorization: Bearer <token>`",
-            )
-            .into_response();
+        if bearer(&headers) != Some(token.as_str()) {
+            return unauthorized("token");
+        }
+    }
+    next.run(req).await
+}
+
+async fn require_read_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = bearer(&headers);
+        let ok = given == Some(token.as_str())
+            || (state.read_token.is_some() && given == state.read_token.as_deref());
+        if !ok {
+            return unauthorized("token or read token");
         }
     }
     next.run(req).await
@@ -340,6 +392,14 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
     let mut v = serde_json::to_value(state.runtime.stats()).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert("admission".into(), json!(state.admission.stats()));
+        o.insert(
+            "records".into(),
+            json!({
+                "count": state.store.count(),
+                "pending": state.store.pending(),
+                "bytes": state.store.bytes(),
+            }),
+        );
     }
     Json(v).into_response()
 }
@@ -392,15 +452,32 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     }
     // The envelope around the payload is small; allow it on top of the payload limit.
     let limit = state.max_payload.saturating_add(64 * 1024);
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body exceeds {limit} bytes"),
-        )
-    })?;
+    let bytes = read_body(state, body, limit).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
+}
+
+/// Reads a body of at most `limit` bytes within `http.body_timeout`.
+async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {:?} (`http.body_timeout`)",
+                    state.body_timeout
+                ),
+            )
+        })?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body exceeds {limit} bytes"),
+            )
+        })
 }
 
 fn check_payload(state: &AppState, payload: &str) -> Result<(), ApiError> {
@@ -445,15 +522,12 @@ struct SubmitQuery {
     wait: bool,
 }
 
-async fn submit_task(
-    State(state): State<Arc<AppState>>,
-    query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let b: SubmitBody = read_json(&state, &headers, body).await?;
-    check_payload(&state, &b.payload)?;
+/// Validates and submits one task: its handle, priority and load permit.
+fn submit_one(
+    state: &AppState,
+    b: SubmitBody,
+) -> Result<(troupe::TaskHandle, Priority, crate::admission::Permit), ApiError> {
+    check_payload(state, &b.payload)?;
     let priority = match b.priority.as_deref() {
         None => Priority::Normal,
         Some(p) => p
@@ -496,24 +570,146 @@ async fn submit_task(
         .runtime
         .try_submit(task)
         .map_err(|r| ApiError::from(r.error))?;
-    let id = handle.id();
-    state.store.insert(TaskRecord::pending(id, priority));
-    if query.wait {
-        let outcome = handle.await;
-        drop(permit);
-        let record = TaskRecord::done(id, priority, &outcome);
-        state.store.update(record.clone());
-        return Ok((StatusCode::OK, Json(record)).into_response());
-    }
+    state
+        .store
+        .insert(TaskRecord::pending(handle.id(), priority));
+    Ok((handle, priority, permit))
+}
+
+/// Records the outcome of an accepted task in the background.
+fn record_when_done(
+    state: &Arc<AppState>,
+    handle: troupe::TaskHandle,
+    priority: Priority,
+    permit: crate::admission::Permit,
+) {
     let st = state.clone();
+    let id = handle.id();
     tokio::spawn(async move {
         let outcome = handle.await;
         drop(permit);
         st.store.update(TaskRecord::done(id, priority, &outcome));
     });
+}
+
+async fn submit_task(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let b: SubmitBody = read_json(&state, &headers, body).await?;
+    let (handle, priority, permit) = submit_one(&state, b)?;
+    let id = handle.id();
+    if query.wait {
+        let outcome = handle.await;
+        drop(permit);
+        // The response carries the whole output; the stored record may not (its cap).
+        let record = TaskRecord::done(id, priority, &outcome);
+        state.store.update(record.clone());
+        return Ok((StatusCode::OK, Json(record)).into_response());
+    }
+    record_when_done(&state, handle, priority, permit);
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": id.0, "status": "pending" })),
+    )
+        .into_response())
+}
+
+/// Most items one batch request may carry.
+const MAX_BATCH: usize = 10_000;
+
+/// One item's result in a batch: what the single endpoint would have answered.
+fn item_error(e: ApiError) -> serde_json::Value {
+    json!({ "status": e.status.as_u16(), "error": e.code, "message": e.message })
+}
+
+/// Reads a batch body: a JSON array of items, or NDJSON (one item per line).
+async fn read_batch<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<Result<T, ApiError>>, ApiError> {
+    let ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-ndjson"));
+    // A batch may carry many payloads: up to MAX_BATCH of them within the size limit.
+    let limit = state
+        .max_payload
+        .saturating_add(64 * 1024)
+        .saturating_mul(16);
+    let bytes = read_body(state, body, limit).await?;
+    let items: Vec<Result<T, ApiError>> = if ndjson {
+        bytes
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .map(|l| {
+                serde_json::from_slice(l)
+                    .map_err(|e| ApiError::bad_request("invalid_json", format!("item: {e}")))
+            })
+            .collect()
+    } else {
+        let is_json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send a batch as `application/json` (an array) or `application/x-ndjson`",
+            ));
+        }
+        let values: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("a batch is a JSON array: {e}"))
+        })?;
+        values
+            .into_iter()
+            .map(|v| {
+                serde_json::from_value(v)
+                    .map_err(|e| ApiError::bad_request("invalid_json", format!("item: {e}")))
+            })
+            .collect()
+    };
+    if items.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!(
+                "a batch carries at most {MAX_BATCH} items, this one {}",
+                items.len()
+            ),
+        ));
+    }
+    Ok(items)
+}
+
+/// `POST /v1/tasks/batch`: many submissions in one request; one result per item, in order
+/// (`{"id", "status": "pending"}` or the error the single endpoint would have answered).
+async fn submit_batch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let items: Vec<Result<SubmitBody, ApiError>> = read_batch(&state, &headers, body).await?;
+    let mut accepted = 0usize;
+    let results: Vec<serde_json::Value> = items
+        .into_iter()
+        .map(|item| match item.and_then(|b| submit_one(&state, b)) {
+            Ok((handle, priority, permit)) => {
+                accepted += 1;
+                let id = handle.id();
+                record_when_done(&state, handle, priority, permit);
+                json!({ "id": id.0, "status": "pending" })
+            }
+            Err(e) => item_error(e),
+        })
+        .collect();
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "accepted": accepted, "results": results })),
     )
         .into_response())
 }
@@ -528,34 +724,75 @@ struct MessageBody {
     payload: String,
 }
 
+/// Sends one message; (delivered, dropped).
+async fn send_one(state: &AppState, b: MessageBody) -> Result<(usize, usize), ApiError> {
+    check_payload(state, &b.payload)?;
+    let bus = state.runtime.bus();
+    match (b.topic, b.agent) {
+        (Some(topic), None) => {
+            // Invalid names (empty, too long, odd characters) are a 400 `invalid_topic`.
+            let r = bus.publish(&topic, b.payload).await?;
+            Ok((r.delivered, r.dropped))
+        }
+        (None, Some(agent)) => match bus.send(AgentId(agent), b.payload).await? {
+            troupe::Delivery::Delivered => Ok((1, 0)),
+            troupe::Delivery::Dropped => Ok((0, 1)),
+        },
+        _ => Err(ApiError::bad_request(
+            "invalid_target",
+            "give exactly one of `topic` and `agent`",
+        )),
+    }
+}
+
 async fn send_message(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let b: MessageBody = read_json(&state, &headers, body).await?;
-    check_payload(&state, &b.payload)?;
-    let bus = state.runtime.bus();
-    let (delivered, dropped) = match (b.topic, b.agent) {
-        (Some(topic), None) => {
-            // Invalid names (empty, too long, odd characters) are a 400 `invalid_topic`.
-            let r = bus.publish(&topic, b.payload).await?;
-            (r.delivered, r.dropped)
-        }
-        (None, Some(agent)) => match bus.send(AgentId(agent), b.payload).await? {
-            troupe::Delivery::Delivered => (1, 0),
-            troupe::Delivery::Dropped => (0, 1),
-        },
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_target",
-                "give exactly one of `topic` and `agent`",
-            ));
-        }
-    };
+    let (delivered, dropped) = send_one(&state, b).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "delivered": delivered, "dropped": dropped })),
+    )
+        .into_response())
+}
+
+/// `POST /v1/messages/batch`: many messages in one request; one result per item, in order.
+async fn send_batch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let items: Vec<Result<MessageBody, ApiError>> = read_batch(&state, &headers, body).await?;
+    let (mut delivered, mut dropped, mut failed) = (0usize, 0usize, 0usize);
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let r = match item {
+            Ok(b) => send_one(&state, b).await,
+            Err(e) => Err(e),
+        };
+        results.push(match r {
+            Ok((d, x)) => {
+                delivered += d;
+                dropped += x;
+                json!({ "delivered": d, "dropped": x })
+            }
+            Err(e) => {
+                failed += 1;
+                item_error(e)
+            }
+        });
+    }
+    Ok((
+        StatusCode::OK,
+        Json(json!({
+            "delivered": delivered,
+            "dropped": dropped,
+            "failed": failed,
+            "results": results,
+        })),
     )
         .into_response())
 }

@@ -266,9 +266,12 @@ fn bad_input_gets_a_4xx_with_a_json_error_never_a_500() {
 }
 
 #[test]
-fn a_token_guards_the_mutating_endpoints() {
+fn a_token_guards_every_endpoint_but_liveness_readiness_and_metrics() {
     let d = dir();
-    let node = Node::start(d.path(), "[http]\ntoken = \"s3cret\"\n");
+    let node = Node::start(
+        d.path(),
+        "[http]\ntoken = \"s3cret\"\nread_token = \"peek\"\n",
+    );
     let body = Some(r#"{"kind":"reply","payload":"x"}"#);
     let json = ("Content-Type", "application/json");
     let r = request(node.addr, "POST", "/v1/tasks", &[json], body);
@@ -304,9 +307,42 @@ fn a_token_guards_the_mutating_endpoints() {
         Some(r#"{"topic":"t"}"#),
     );
     assert_eq!(r.status, 401);
-    // Reads stay open.
-    assert_eq!(node.get("/stats").status, 200);
+    // Reads need a token too (the read token is enough for them, not for writes)...
+    for path in ["/stats", "/v1/agents", "/v1/tasks/1"] {
+        let r = node.get(path);
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{path}: {}",
+            r.body
+        );
+        for token in ["Bearer s3cret", "Bearer peek"] {
+            let r = request(node.addr, "GET", path, &[("Authorization", token)], None);
+            assert_ne!(r.status, 401, "{path} with {token}: {}", r.body);
+        }
+    }
+    let r = request(
+        node.addr,
+        "POST",
+        "/v1/tasks",
+        &[json, ("Authorization", "Bearer peek")],
+        body,
+    );
+    assert_eq!(r.status, 401, "the read token does not write");
+    // ...but liveness, readiness and metrics stay open to probes and scrapers, and an invalid
+    // path still gets the JSON error.
+    assert_eq!(node.get("/health").status, 200);
+    assert_eq!(node.get("/health/ready").status, 200);
     assert_eq!(node.get("/metrics").status, 200);
+    let r = request(
+        node.addr,
+        "GET",
+        "/v1/tasks/%FF",
+        &[("Authorization", "Bearer s3cret")],
+        None,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_id");
 }
 
 #[test]

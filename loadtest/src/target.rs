@@ -392,6 +392,37 @@ impl Target {
         }
     }
 
+    /// True if bus messages go out in batches (a node: one HTTP request per message would cost
+    /// more than the message).
+    pub fn batches_bus(&self) -> bool {
+        matches!(self, Target::Http(_))
+    }
+
+    /// Sends many bus messages in one request (`POST /v1/messages/batch`); `done` gets one
+    /// result per message, in order. Embedded targets send them one by one.
+    pub fn send_messages(
+        self: &Arc<Self>,
+        items: Vec<(bool, u32)>,
+        rt: &tokio::runtime::Handle,
+        done: impl FnOnce(Vec<BusResult>) + Send + 'static,
+    ) {
+        match &**self {
+            Target::Embedded(e) => done(
+                items
+                    .iter()
+                    .map(|&(publish, to)| e.send_message(publish, to))
+                    .collect(),
+            ),
+            Target::Http(_) => {
+                let me = self.clone();
+                rt.spawn(async move {
+                    let Target::Http(h) = &*me else { return };
+                    done(h.send_messages(&items).await);
+                });
+            }
+        }
+    }
+
     /// Sends one bus message: published to the mix's topic if `publish`, else sent directly
     /// to agent `to`. Embedded sends never wait (a full mailbox counts as dropped); HTTP sends
     /// are spawned and report through `done`.
@@ -535,6 +566,68 @@ impl Http {
             }
             Err(e) => e.to_string(),
         }
+    }
+
+    async fn send_messages(&self, items: &[(bool, u32)]) -> Vec<BusResult> {
+        let failed = || vec![BusResult::Failed; items.len()];
+        let mut body = Vec::with_capacity(items.len() * 48);
+        for &(publish, to) in items {
+            match (&self.topic_body, publish) {
+                (Some(b), true) => body.extend_from_slice(b),
+                _ => body.extend_from_slice(
+                    serde_json::json!({ "agent": to, "payload": self.bus_payload })
+                        .to_string()
+                        .as_bytes(),
+                ),
+            }
+            body.push(b'\n');
+        }
+        let mut req = self
+            .client
+            .post(format!("{}/v1/messages/batch", self.base))
+            .header("content-type", "application/x-ndjson")
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let Ok(resp) = req.send().await else {
+            return failed();
+        };
+        if !resp.status().is_success() {
+            return failed();
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            delivered: Option<u64>,
+            dropped: Option<u64>,
+            error: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Batch {
+            results: Vec<Item>,
+        }
+        let Ok(Ok(batch)) = resp
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice::<Batch>(&b))
+        else {
+            return failed();
+        };
+        let mut out: Vec<BusResult> = batch
+            .results
+            .into_iter()
+            .map(|i| match (i.delivered, i.dropped, i.error.as_deref()) {
+                (Some(delivered), Some(dropped), _) => BusResult::Accepted { delivered, dropped },
+                // A full mailbox refused the message: it was offered and not delivered.
+                (_, _, Some("mailbox_full")) => BusResult::Accepted {
+                    delivered: 0,
+                    dropped: 1,
+                },
+                _ => BusResult::Failed,
+            })
+            .collect();
+        out.resize(items.len(), BusResult::Failed);
+        out
     }
 
     async fn send_message(&self, publish: bool, to: u32) -> BusResult {

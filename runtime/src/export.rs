@@ -424,6 +424,18 @@ impl MetricsExporter {
             .register_counter(&key(name, labels), &METADATA)
     }
 
+    /// A gauge rendered with the runtime's metrics. Resolve it once and keep it.
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Gauge {
+        self.recorder
+            .describe_gauge(KeyName::from(name), None, SharedString::from(help));
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
     /// A latency histogram rendered with the runtime's (same buckets). Resolve it once.
     pub fn histogram(
         &self,

@@ -45,6 +45,7 @@ pub struct RuntimeBuilder {
     kinds: HashMap<String, Kind>,
     policies: Policies,
     observers: Vec<Arc<dyn TaskObserver>>,
+    control: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -65,7 +66,18 @@ impl RuntimeBuilder {
             kinds: HashMap::new(),
             policies: Policies::new(),
             observers: Vec::new(),
+            control: None,
         }
+    }
+
+    /// Runs the runtime's own watchdog on `control`, a Tokio runtime apart from the one the
+    /// agents run on, so a stuck agent is still found and answered when every agent worker
+    /// thread is blocked (a handler that never yields). The agents, their supervisors and the
+    /// sandbox's unifiers still run on the runtime `start` is called from. The `troupe` node
+    /// uses it with its control-plane runtime (HTTP, signals, shutdown).
+    pub fn control_runtime(mut self, control: tokio::runtime::Handle) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// Registers how to build agents of kind `kind`: any `Fn(&AgentSpec) -> A`, closures
@@ -130,6 +142,7 @@ impl RuntimeBuilder {
             kinds,
             policies,
             observers,
+            control,
         } = self;
         config.validate()?;
         if config.telemetry.panic_hook {
@@ -226,7 +239,7 @@ impl RuntimeBuilder {
             // Every slot's kind was checked against the registered kinds above.
             spawners[&*pool.slot(index).spec().kind].clone()
         };
-        core.supervision().start(spawn_of);
+        core.supervision().start(spawn_of, control.as_ref());
         let runtime = Runtime {
             handle: RuntimeHandle::new(core.clone()),
         };

@@ -20,16 +20,23 @@ pub struct Node {
 impl Node {
     /// Starts `troupe serve` with `config` text on a free loopback port.
     pub fn start(dir: &Path, config: &str) -> Node {
+        Self::start_with(dir, config, &[], Stdio::inherit())
+    }
+
+    /// Starts `troupe serve` with extra environment and the given stderr.
+    pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)], stderr: Stdio) -> Node {
         let path = dir.join("node.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(TROUPE)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        let mut cmd = Command::new(TROUPE);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
@@ -44,6 +51,18 @@ impl Node {
             addr,
             stdout,
         }
+    }
+
+    /// Resident memory of the node process, in bytes (Linux).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib * 1024
     }
 
     /// Sends SIGTERM without waiting.

@@ -173,10 +173,23 @@ impl Supervision {
         }
     }
 
-    /// Starts the watchdog and every tier's supervisor, which start their children. `spawn`
-    /// gives the function that runs an incarnation of the agent at an index.
-    pub(crate) fn start(self: &Arc<Self>, spawn: impl Fn(u32) -> SpawnFn) {
-        tokio::spawn(watchdog(Arc::downgrade(self)));
+    /// Starts the watchdog (on `control` if given, else here) and every tier's supervisor,
+    /// which start their children. `spawn` gives the function that runs an incarnation of the
+    /// agent at an index.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        spawn: impl Fn(u32) -> SpawnFn,
+        control: Option<&tokio::runtime::Handle>,
+    ) {
+        let dog = watchdog(Arc::downgrade(self));
+        match control {
+            Some(rt) => {
+                rt.spawn(dog);
+            }
+            None => {
+                tokio::spawn(dog);
+            }
+        }
         for tier in 0..self.tiers.len() {
             let spawners = self.tiers[tier]
                 .children

@@ -389,3 +389,24 @@ fn batches_answer_item_by_item() {
         (400, Some("invalid_json"))
     );
 }
+
+#[test]
+fn an_invented_http_method_does_not_grow_the_metric_labels() {
+    let d = dir();
+    let node = Node::start(d.path(), &catalogue(d.path()));
+    for m in ["BREW", "WHEN", "PROPFIND"] {
+        let r = request(node.addr, m, "/health", &[], None);
+        assert_eq!(r.status, 405, "{m}: {}", r.body);
+    }
+    let metrics = node.get("/metrics").body;
+    assert!(
+        metrics.contains(r#"method="other""#),
+        "unknown methods share one label value: {metrics}"
+    );
+    for m in ["BREW", "WHEN", "PROPFIND"] {
+        assert!(
+            !metrics.contains(&format!(r#"method="{m}""#)),
+            "{m} became a label"
+        );
+    }
+}

@@ -309,7 +309,8 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
     let backtraces = resolved.node.log.panic_backtraces;
     resolved.runtime.telemetry.panic_hook = true;
     resolved.runtime.telemetry.panic_backtraces = backtraces;
-    install_panic_hook(backtraces);
+    // Every panic of the node is one structured line (agents' carry their agent and task).
+    troupe::log_all_panics(backtraces);
     // Two runtimes: the agents' workers, and a control plane (HTTP, signals, the watchdog,
     // shutdown) that answers whatever the agents do to their threads.
     let mut agents = tokio::runtime::Builder::new_multi_thread();
@@ -411,34 +412,6 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
     result?;
     flush(otel);
     Ok(())
-}
-
-/// Every panic of the node is one structured log line (an agent's is logged by the runtime's
-/// own hook, installed at start, which hands everything else to this one): no multi-line
-/// stderr output, and a backtrace only when `log.panic_backtraces` asks for one.
-fn install_panic_hook(backtraces: bool) {
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("(non-string panic payload)");
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
-            .unwrap_or_default();
-        let thread = std::thread::current()
-            .name()
-            .unwrap_or("unnamed")
-            .to_owned();
-        if backtraces {
-            let backtrace = std::backtrace::Backtrace::force_capture().to_string();
-            tracing::error!(target: "troupe::panic", panic = message, location, thread, backtrace, "panic");
-        } else {
-            tracing::error!(target: "troupe::panic", panic = message, location, thread, "panic");
-        }
-    }));
 }
 
 /// Exports the spans still buffered.

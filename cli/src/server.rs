@@ -433,20 +433,30 @@ async fn task_status(
         })
 }
 
+/// True if the request's content type starts with `prefix`.
+fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(prefix))
+}
+
+fn unsupported_media_type(message: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        message,
+    )
+}
+
 /// Reads a JSON body within the payload limit, with JSON errors for every failure.
 async fn read_json<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<T, ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !is_json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+    if !content_type_is(headers, "application/json") {
+        return Err(unsupported_media_type(
             "send the body as `Content-Type: application/json`",
         ));
     }
@@ -632,10 +642,7 @@ async fn read_batch<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Vec<Result<T, ApiError>>, ApiError> {
-    let ndjson = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson"));
+    let ndjson = content_type_is(headers, "application/x-ndjson");
     // A batch may carry many payloads: up to MAX_BATCH of them within the size limit.
     let limit = state
         .max_payload
@@ -652,14 +659,8 @@ async fn read_batch<T: serde::de::DeserializeOwned>(
             })
             .collect()
     } else {
-        let is_json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if !is_json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+        if !content_type_is(headers, "application/json") {
+            return Err(unsupported_media_type(
                 "send a batch as `application/json` (an array) or `application/x-ndjson`",
             ));
         }

@@ -82,6 +82,18 @@ pub struct Ramp {
     pub step: Duration,
 }
 
+impl Ramp {
+    /// The rate of step `i` of `steps`, evenly spaced from `from` to `to` (both included).
+    fn rate_of(&self, i: usize) -> f64 {
+        let n = self.steps.max(1);
+        if n == 1 {
+            self.from.round()
+        } else {
+            (self.from + (self.to - self.from) * i as f64 / (n - 1) as f64).round()
+        }
+    }
+}
+
 /// Runs every step of `ramp` (its `refine` is ignored), past the knee too: the overload curve
 /// (offered against goodput, p99 and refusals). The report is that of the last step, with every
 /// step under `ramp` and the highest passing rate as its `best_rate`.
@@ -89,12 +101,7 @@ pub async fn run_sweep(target: Arc<Target>, settings: &Settings, ramp: Ramp) -> 
     let n = ramp.steps.max(1);
     let mut steps: Vec<Report> = Vec::with_capacity(n);
     for i in 0..n {
-        let rate = if n == 1 {
-            ramp.from
-        } else {
-            ramp.from + (ramp.to - ramp.from) * i as f64 / (n - 1) as f64
-        }
-        .round();
+        let rate = ramp.rate_of(i);
         let mut s = settings.clone();
         s.plan.mode = Mode::Open { rate };
         s.plan.duration = ramp.step;
@@ -141,12 +148,7 @@ pub async fn run_ramp(target: Arc<Target>, settings: &Settings, ramp: Ramp) -> R
     let mut last_pass: Option<f64> = None;
     let mut first_fail: Option<f64> = None;
     for i in 0..n {
-        let rate = if n == 1 {
-            ramp.from
-        } else {
-            ramp.from + (ramp.to - ramp.from) * i as f64 / (n - 1) as f64
-        }
-        .round();
+        let rate = ramp.rate_of(i);
         if run_at(rate, &mut steps).await {
             last_pass = Some(rate);
         } else {

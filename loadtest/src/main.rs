@@ -257,34 +257,19 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
         policy_source,
         plan,
     };
+    let steps = |(from, to): (f64, f64), refine: usize| Ramp {
+        from,
+        to,
+        steps: args.ramp_steps,
+        refine,
+        step: args.step,
+    };
     let report = match (ramp, sweep) {
-        (None, Some((from, to))) => {
-            troupe_loadtest::run_sweep(
-                target.clone(),
-                &settings,
-                Ramp {
-                    from,
-                    to,
-                    steps: args.ramp_steps,
-                    refine: 0,
-                    step: args.step,
-                },
-            )
-            .await
+        (None, Some(range)) => {
+            troupe_loadtest::run_sweep(target.clone(), &settings, steps(range, 0)).await
         }
-        (Some((from, to)), _) => {
-            troupe_loadtest::run_ramp(
-                target.clone(),
-                &settings,
-                Ramp {
-                    from,
-                    to,
-                    steps: args.ramp_steps,
-                    refine: args.refine,
-                    step: args.step,
-                },
-            )
-            .await
+        (Some(range), _) => {
+            troupe_loadtest::run_ramp(target.clone(), &settings, steps(range, args.refine)).await
         }
         (None, None) => troupe_loadtest::run_once(target.clone(), &settings).await,
     };

@@ -124,6 +124,7 @@ pub use handle::{QueueWaitWindow, RuntimeHandle};
 pub use health::{Health, Stats};
 pub use ids::{AgentId, TaskId};
 pub use ledger::{OutcomeCounts, PriorityStats, RejectionCounts};
+pub use panics::log_all_panics;
 pub use pool::{AgentSpec, AgentState};
 pub use priority::{ParsePriorityError, PerPriority, Priority};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownReport};

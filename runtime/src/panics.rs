@@ -28,6 +28,7 @@ thread_local! {
 
 static INSTALL: Once = Once::new();
 static BACKTRACES: AtomicBool = AtomicBool::new(false);
+static ALL: AtomicBool = AtomicBool::new(false);
 
 /// Installs the hook (once per process; later calls only change `backtraces`).
 pub(crate) fn install(backtraces: bool) {
@@ -36,7 +37,7 @@ pub(crate) fn install(backtraces: bool) {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let (agent, task) = SITE.with(Cell::get);
-            if (agent, task) == NONE {
+            if (agent, task) == NONE && !ALL.load(Ordering::Relaxed) {
                 return previous(info);
             }
             let message = info
@@ -49,6 +50,17 @@ pub(crate) fn install(backtraces: bool) {
                 .location()
                 .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
                 .unwrap_or_default();
+            if (agent, task) == NONE {
+                // Not an agent's: the process asked for every panic as one line.
+                let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+                if BACKTRACES.load(Ordering::Relaxed) {
+                    let backtrace = std::backtrace::Backtrace::force_capture().to_string();
+                    tracing::error!(target: "troupe::panic", panic = message, location, thread, backtrace, "panic");
+                } else {
+                    tracing::error!(target: "troupe::panic", panic = message, location, thread, "panic");
+                }
+                return;
+            }
             let task = (task != 0).then_some(task);
             if BACKTRACES.load(Ordering::Relaxed) {
                 let backtrace = std::backtrace::Backtrace::force_capture().to_string();
@@ -66,6 +78,14 @@ pub(crate) fn install(backtraces: bool) {
             }
         }));
     });
+}
+
+/// Logs every panic of the process as one structured event (target `troupe::panic`), not only
+/// agents': for a service binary that wants no raw panic output at all. Backtraces only with
+/// `backtraces`.
+pub fn log_all_panics(backtraces: bool) {
+    ALL.store(true, Ordering::Relaxed);
+    install(backtraces);
 }
 
 /// Restores the previous mark when dropped, also while unwinding.

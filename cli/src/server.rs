@@ -241,6 +241,14 @@ impl From<BusError> for ApiError {
             BusError::NoSubscribers(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "no_subscribers", message)
             }
+            BusError::NoSuchNode(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_node", message)
+            }
+            BusError::BridgeDown(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                message,
+            ),
         }
     }
 }

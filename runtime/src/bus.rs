@@ -38,6 +38,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bound::Bound;
+use crate::bridge::{BusBridge, RemoteDelivery};
 pub use crate::config::Overflow;
 use crate::error::BusError;
 use crate::ids::AgentId;
@@ -322,6 +323,8 @@ pub(crate) struct BusCore {
     phase: Arc<Phase>,
     /// Rotates the start of `Want::Any` picks.
     rotation: AtomicUsize,
+    /// Carries publications and remote sends to other nodes, when a cluster layer set one.
+    bridge: Option<Arc<dyn BusBridge>>,
 }
 
 impl BusCore {
@@ -333,6 +336,7 @@ impl BusCore {
         default_overflow: Overflow,
         phase: Arc<Phase>,
         latency_histograms: bool,
+        bridge: Option<Arc<dyn BusBridge>>,
     ) -> Self {
         BusCore {
             mailboxes: (0..pool.len())
@@ -352,6 +356,7 @@ impl BusCore {
             default_overflow,
             phase,
             rotation: AtomicUsize::new(0),
+            bridge,
         }
     }
 
@@ -576,6 +581,9 @@ pub struct Bus {
     from: Option<AgentId>,
     /// Held by one of the runtime's own agents (open until the drain deadline).
     internal: bool,
+    /// Delivering what a bridge brought from another node: not handed back to the bridge,
+    /// and carrying the remote sender's trace context.
+    inbound: Option<TraceContext>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -590,7 +598,36 @@ impl Bus {
             core,
             from,
             internal,
+            inbound: None,
         }
+    }
+
+    /// The bus for what a bridge delivers from another node, carrying `trace`.
+    pub(crate) fn inbound(core: Arc<BusCore>, trace: TraceContext) -> Self {
+        Bus {
+            core,
+            from: None,
+            internal: false,
+            inbound: Some(trace),
+        }
+    }
+
+    /// Hands a publication made here to the bridge, for the other nodes' subscribers.
+    #[inline]
+    fn bridge_publish(&self, topic: &str, payload: &Bytes) {
+        if self.inbound.is_some() {
+            return;
+        }
+        if let Some(b) = &self.core.bridge {
+            b.publish(topic, payload.clone(), crate::trace::current());
+        }
+    }
+
+    /// An agent on another node of the cluster (`node` is its name; this node's own name
+    /// reaches the local agent). Needs a bus bridge (a cluster layer); without one every call
+    /// fails with [`BusError::NoSuchNode`].
+    pub fn remote<'a>(&'a self, node: &'a str) -> Remote<'a> {
+        Remote { bus: self, node }
     }
 
     fn message(&self, kind: MessageKind, topic: Option<Arc<str>>, payload: Bytes) -> Message {
@@ -598,7 +635,7 @@ impl Bus {
             from: self.from,
             topic,
             payload,
-            trace: crate::trace::current(),
+            trace: self.inbound.unwrap_or_else(crate::trace::current),
             kind,
             reply: None,
             sent_at: Instant::now(),
@@ -695,10 +732,13 @@ impl Bus {
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReport, BusError> {
+        let payload = payload.into();
         match self.core.find_topic(topic) {
             Some(t) => {
                 let overflow = t.overflow;
-                self.publish_inner(&t, payload.into(), overflow).await
+                let report = self.publish_inner(&t, payload.clone(), overflow).await?;
+                self.bridge_publish(topic, &payload);
+                Ok(report)
             }
             None => {
                 if let Some(reason) = topic_name_error(topic) {
@@ -708,6 +748,7 @@ impl Bus {
                     });
                 }
                 self.check_open()?;
+                self.bridge_publish(topic, &payload);
                 Ok(PublishReport::default())
             }
         }
@@ -1086,6 +1127,83 @@ impl Bus {
         match mailbox.bound.reserve_until(Instant::now() + timeout).await {
             Ok(()) => Ok(self.push(to, mailbox, msg)),
             Err(depth) => Err(self.full(to, mailbox, depth)),
+        }
+    }
+}
+
+/// An address on another node; see [`Bus::remote`].
+#[derive(Clone, Copy)]
+pub struct Remote<'a> {
+    bus: &'a Bus,
+    node: &'a str,
+}
+
+impl std::fmt::Debug for Remote<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("node", &self.node).finish()
+    }
+}
+
+impl Remote<'_> {
+    fn bridge(&self) -> Result<Option<&Arc<dyn BusBridge>>, BusError> {
+        let Some(b) = &self.bus.core.bridge else {
+            return Err(BusError::NoSuchNode(self.node.to_owned()));
+        };
+        // This node's own name is the local agent.
+        Ok((b.node() != self.node).then_some(b))
+    }
+
+    /// Sends to `agent` on the node, with the receiving mailbox's overflow policy there.
+    pub async fn send(
+        &self,
+        agent: AgentId,
+        payload: impl Into<Bytes>,
+    ) -> Result<Delivery, BusError> {
+        self.bus.check_open()?;
+        match self.bridge()? {
+            None => self.bus.send(agent, payload).await,
+            Some(b) => {
+                let r = b
+                    .send(self.node, agent, payload.into(), crate::trace::current())
+                    .await?;
+                Ok(match r {
+                    RemoteDelivery::Delivered => Delivery::Delivered,
+                    RemoteDelivery::Dropped => Delivery::Dropped,
+                })
+            }
+        }
+    }
+
+    /// Asks `agent` on the node and waits up to `timeout` for its reply, as [`Bus::request`].
+    pub async fn request(
+        &self,
+        agent: AgentId,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
+        use tracing::Instrument;
+        self.bus.check_open()?;
+        match self.bridge()? {
+            None => self.bus.request(agent, payload, timeout).await,
+            Some(b) => {
+                let span = tracing::debug_span!(
+                    "troupe.bus.request",
+                    to = agent.0,
+                    node = self.node,
+                    timeout_ms = timeout.as_millis() as u64
+                );
+                let fut = async {
+                    b.request(
+                        self.node,
+                        agent,
+                        payload.into(),
+                        timeout,
+                        crate::trace::current(),
+                    )
+                    .await
+                };
+                fut.instrument(span).await
+            }
         }
     }
 }

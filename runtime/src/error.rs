@@ -183,6 +183,12 @@ pub enum BusError {
     /// A fan-out to a topic found no subscriber (other than the sender).
     #[error("topic `{0}` has no subscribers")]
     NoSubscribers(String),
+    /// No node of that name is known (or this runtime is not part of a cluster).
+    #[error("no node `{0}` in the cluster")]
+    NoSuchNode(String),
+    /// The bridge to the other nodes is down (their messages cannot be carried now).
+    #[error("the cluster bus is unavailable: {0}")]
+    BridgeDown(String),
 }
 
 /// Errors starting a runtime.

@@ -492,6 +492,19 @@ impl RuntimeHandle {
         Bus::new(self.core.parts.bus.clone(), from, self.internal)
     }
 
+    /// The bus for delivering what a [`BusBridge`](crate::BusBridge) brought from another
+    /// node: sends and publications through it reach local agents only (they are not handed
+    /// back to the bridge), and their messages carry `trace`, the remote sender's context.
+    pub fn bridged_bus(&self, trace: crate::TraceContext) -> Bus {
+        Bus::inbound(self.core.parts.bus.clone(), trace)
+    }
+
+    /// Every capability some agent of this pool serves (every kind is one), in first-seen
+    /// config order.
+    pub fn capabilities(&self) -> Vec<String> {
+        self.core.parts.pool.capabilities()
+    }
+
     /// Ids of the agents of `kind`, in start order.
     pub fn agents_of_kind(&self, kind: &str) -> Vec<AgentId> {
         self.core.parts.pool.agents_of_kind(kind)

@@ -86,6 +86,7 @@ mod telemetry;
 mod trace;
 // The parts:
 mod admission;
+mod bridge;
 mod bus;
 mod config;
 mod events;
@@ -105,6 +106,7 @@ mod worker;
 
 pub use admission::QueueHealth;
 pub use agent::{Agent, AgentContext, AgentError, AgentFactory};
+pub use bridge::{BridgeFuture, BusBridge, RemoteDelivery};
 pub use bus::{
     Bus, BusStats, Delivery, FanOut, MAX_TOPIC_NAME, Message, MessageKind, PublishReport,
     Recipients, Reply, Topic, Want,

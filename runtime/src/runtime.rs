@@ -46,6 +46,7 @@ pub struct RuntimeBuilder {
     policies: Policies,
     observers: Vec<Arc<dyn TaskObserver>>,
     control: Option<tokio::runtime::Handle>,
+    bridge: Option<Arc<dyn crate::bridge::BusBridge>>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -67,7 +68,15 @@ impl RuntimeBuilder {
             policies: Policies::new(),
             observers: Vec::new(),
             control: None,
+            bridge: None,
         }
+    }
+
+    /// Connects the bus to other nodes through `bridge` (a cluster layer): publications here
+    /// reach subscribers there, and [`Bus::remote`](crate::Bus::remote) reaches their agents.
+    pub fn bus_bridge(mut self, bridge: impl crate::bridge::BusBridge) -> Self {
+        self.bridge = Some(Arc::new(bridge));
+        self
     }
 
     /// Runs the runtime's own watchdog on `control`, a Tokio runtime apart from the one the
@@ -143,6 +152,7 @@ impl RuntimeBuilder {
             policies,
             observers,
             control,
+            bridge,
         } = self;
         config.validate()?;
         if config.telemetry.panic_hook {
@@ -183,6 +193,7 @@ impl RuntimeBuilder {
             config.mailbox.overflow,
             phase.clone(),
             latency,
+            bridge,
         ));
         let supervision = Arc::new(Supervision::new(
             pool.clone(),

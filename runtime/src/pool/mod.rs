@@ -264,6 +264,14 @@ impl Pool {
         }
     }
 
+    /// The capability names, in group order.
+    pub(crate) fn capabilities(&self) -> Vec<String> {
+        let mut names: Vec<(u32, &String)> =
+            self.capability_index.iter().map(|(n, &g)| (g, n)).collect();
+        names.sort_unstable();
+        names.into_iter().map(|(_, n)| n.clone()).collect()
+    }
+
     /// Ids of the agents of `kind`, in start order.
     pub(crate) fn agents_of_kind(&self, kind: &str) -> Vec<AgentId> {
         self.slots

@@ -207,6 +207,8 @@ pub struct NodeConfig {
     pub runtime: RuntimeConfig,
     /// Threads.
     pub threads: ThreadsConfig,
+    /// Joins a cluster over NATS JetStream (README "Run a cluster"); a single node without it.
+    pub cluster: Option<troupe_cluster::ClusterConfig>,
 }
 
 /// A node config resolved into what `serve` runs.
@@ -259,6 +261,25 @@ impl NodeConfig {
                     field: field.into(),
                     reason: "must be above zero".into(),
                 });
+            }
+        }
+        if let Some(c) = &config.cluster {
+            match c.validate() {
+                Err(troupe_cluster::ClusterError::Config { field, reason }) => {
+                    return Err(NodeConfigError::Invalid {
+                        path: origin.to_owned(),
+                        field,
+                        reason,
+                    });
+                }
+                Err(other) => {
+                    return Err(NodeConfigError::Invalid {
+                        path: origin.to_owned(),
+                        field: "cluster".into(),
+                        reason: other.to_string(),
+                    });
+                }
+                Ok(()) => {}
             }
         }
         if config.http.read_token.is_some() && config.http.token.is_none() {
@@ -371,6 +392,32 @@ mod tests {
             e.to_string()
                 .starts_with("node.toml: invalid field `http.listen`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_section_is_checked_field_by_field() {
+        assert_eq!(
+            field_of("[cluster]\nurls = [\"nats://x:4222\"]"),
+            "cluster.node"
+        );
+        assert_eq!(field_of("[cluster]\nnode = \"a.b\""), "cluster.node");
+        assert_eq!(
+            field_of("[cluster]\nnode = \"a\"\nack_wait = \"10ms\""),
+            "cluster.ack_wait"
+        );
+        assert_eq!(
+            field_of("[cluster]\nnode = \"a\"\nurl = \"x\""),
+            "cluster.url"
+        );
+        let c = NodeConfig::parse("[cluster]\nnode = \"n1\"", "node.toml").unwrap();
+        let c = c.cluster.unwrap();
+        assert_eq!((c.node.as_str(), c.max_attempts), ("n1", 5));
+        assert!(
+            NodeConfig::parse("", "node.toml")
+                .unwrap()
+                .cluster
+                .is_none()
         );
     }
 

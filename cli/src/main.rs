@@ -2,6 +2,7 @@
 //! check a config.
 
 mod admission;
+mod clustered;
 mod config;
 mod listen;
 mod server;
@@ -325,13 +326,33 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         .worker_threads(threads.control.unwrap_or(1))
         .build()
         .context("building the control runtime")?;
-    let builder = troupe_agents::register_kinds(troupe::Runtime::builder(resolved.runtime))
+    let default_timeout = resolved.runtime.tasks.default_timeout;
+    let mut builder = troupe_agents::register_kinds(troupe::Runtime::builder(resolved.runtime))
         .control_runtime(control.handle().clone());
+    // The cluster's work (NATS, pulling, recording outcomes) runs on the control runtime too,
+    // so agents that block their threads cannot stop a node from keeping its tasks alive.
+    let cluster = match &resolved.node.cluster {
+        Some(c) => {
+            let cluster = control
+                .block_on(troupe_cluster::Cluster::connect(c.clone()))
+                .with_context(|| format!("joining cluster `{}` at {}", c.name, c.urls.join(",")))?;
+            builder = builder.bus_bridge(control.block_on(async { cluster.bridge() }));
+            Some(cluster)
+        }
+        None => None,
+    };
     let runtime = agents
         .block_on(builder.start())
         .context("starting the pool")?;
     let result = control.block_on(async move {
-        let state = server::AppState::new(runtime.handle(), &http);
+        let state =
+            server::AppState::new(runtime.handle(), &http, cluster.clone(), default_timeout);
+        if let Some(c) = &cluster {
+            c.join(runtime.handle(), Some(state.exporter()))
+                .await
+                .context("joining the cluster")?;
+            tracing::info!(node = c.node(), cluster = c.config().name, "joined the cluster");
+        }
         tokio::spawn(
             state
                 .admission()
@@ -377,10 +398,19 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         ));
         shutdown_signal().await;
         tracing::info!("signal received: draining");
+        // In a cluster, stop pulling first: what was pulled but not started goes back to the
+        // stream at once, for the other nodes.
+        if let Some(c) = &cluster {
+            c.stop_pulling();
+        }
         // Shut the pool down (the API stays up: waiting requests get their outcomes, new work
         // is refused with 503), then keep answering reads until every record is final and a
         // little longer, so clients polling their tasks see how they ended.
         let report = runtime.shutdown().await;
+        if let Some(c) = &cluster {
+            // Records the outcomes of what ran, then withdraws this node's heartbeat.
+            c.leave().await;
+        }
         let settle_until = std::time::Instant::now() + Duration::from_secs(5);
         while state.store().pending() > 0 && std::time::Instant::now() < settle_until {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -48,7 +48,12 @@ struct RouteMetrics {
 
 /// Shared state of the HTTP layer.
 pub struct AppState {
-    runtime: RuntimeHandle,
+    pub(crate) runtime: RuntimeHandle,
+    /// The cluster this node joined, if any: tasks go through it (see `clustered`).
+    pub(crate) cluster: Option<Arc<troupe_cluster::Cluster>>,
+    /// The runtime's `tasks.default_timeout`: a clustered task's deadline counts from its
+    /// acceptance here, whichever node runs it.
+    pub(crate) default_timeout: Option<Duration>,
     exporter: MetricsExporter,
     store: TaskStore,
     token: Option<String>,
@@ -61,7 +66,12 @@ pub struct AppState {
 
 impl AppState {
     /// State for `runtime` with the node's HTTP settings.
-    pub fn new(runtime: RuntimeHandle, http: &crate::config::HttpConfig) -> Arc<Self> {
+    pub fn new(
+        runtime: RuntimeHandle,
+        http: &crate::config::HttpConfig,
+        cluster: Option<Arc<troupe_cluster::Cluster>>,
+        default_timeout: Option<Duration>,
+    ) -> Arc<Self> {
         let exporter = MetricsExporter::new(&runtime);
         let shed = troupe::PerPriority::from_fn(|p| {
             exporter.counter(
@@ -76,6 +86,8 @@ impl AppState {
         Arc::new(AppState {
             admission: Admission::new(http.max_in_flight_tasks, shed),
             runtime,
+            cluster,
+            default_timeout,
             exporter,
             store: TaskStore::new(
                 http.task_records,
@@ -129,14 +141,14 @@ impl AppState {
 /// A JSON error response.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    retry_after: Option<u64>,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -145,7 +157,7 @@ impl ApiError {
         }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 }
@@ -262,11 +274,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/batch", post(submit_batch))
         .route("/v1/messages", post(send_message))
         .route("/v1/messages/batch", post(send_batch))
+        .route("/v1/requests", post(send_request))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let reads = Router::new()
         .route("/stats", get(stats))
         .route("/v1/tasks/{id}", get(task_status))
         .route("/v1/agents", get(agents))
+        .route("/v1/cluster", get(crate::clustered::view))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_read_token,
@@ -387,7 +401,15 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let health = state.runtime.health();
+    let mut health = state.runtime.health();
+    if let Some(c) = &state.cluster {
+        // Without NATS this node cannot accept work durably: not ready, with the reason.
+        let reasons = c.health_reasons();
+        if !reasons.is_empty() {
+            health.ready = false;
+            health.reasons.extend(reasons);
+        }
+    }
     let status = if health.ready {
         StatusCode::OK
     } else {
@@ -428,6 +450,9 @@ async fn task_status(
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_id", format!("`{id}` is not a task id")))?;
+    if let Some(c) = &state.cluster {
+        return crate::clustered::status(c, id).await;
+    }
     state
         .store
         .get(id)
@@ -498,7 +523,7 @@ async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, 
         })
 }
 
-fn check_payload(state: &AppState, payload: &str) -> Result<(), ApiError> {
+pub(crate) fn check_payload(state: &AppState, payload: &str) -> Result<(), ApiError> {
     if payload.len() > state.max_payload {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -516,21 +541,23 @@ fn check_payload(state: &AppState, payload: &str) -> Result<(), ApiError> {
 /// `POST /v1/tasks` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SubmitBody {
+pub(crate) struct SubmitBody {
     /// Target kind or capability.
-    kind: Option<String>,
+    pub(crate) kind: Option<String>,
     /// Target agent id.
-    agent: Option<u32>,
+    pub(crate) agent: Option<u32>,
     #[serde(default)]
-    priority: Option<String>,
+    pub(crate) priority: Option<String>,
     #[serde(default)]
-    payload: String,
-    timeout_ms: Option<u64>,
+    pub(crate) payload: String,
+    pub(crate) timeout_ms: Option<u64>,
     #[serde(default)]
-    sandbox: bool,
+    pub(crate) sandbox: bool,
     /// Extra attempts after a failure.
     #[serde(default)]
-    retries: u32,
+    pub(crate) retries: u32,
+    /// Submissions with the same key are one task (cluster only: JetStream deduplicates).
+    pub(crate) idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -540,18 +567,43 @@ struct SubmitQuery {
     wait: bool,
 }
 
+/// The priority a body names (normal when it names none).
+pub(crate) fn priority_of(p: Option<&str>) -> Result<Priority, ApiError> {
+    match p {
+        None => Ok(Priority::Normal),
+        Some(p) => p
+            .parse::<Priority>()
+            .map_err(|e| ApiError::bad_request("unknown_priority", e.to_string())),
+    }
+}
+
+/// A body's `timeout_ms`, checked.
+pub(crate) fn timeout_of(ms: Option<u64>) -> Result<Option<Duration>, ApiError> {
+    match ms {
+        Some(0) => Err(ApiError::bad_request(
+            "invalid_task",
+            "`timeout_ms` must be above zero",
+        )),
+        Some(ms) => Ok(Some(Duration::from_millis(ms))),
+        None => Ok(None),
+    }
+}
+
 /// Validates and submits one task: its handle, priority and load permit.
 fn submit_one(
     state: &AppState,
     b: SubmitBody,
 ) -> Result<(troupe::TaskHandle, Priority, crate::admission::Permit), ApiError> {
     check_payload(state, &b.payload)?;
-    let priority = match b.priority.as_deref() {
-        None => Priority::Normal,
-        Some(p) => p
-            .parse::<Priority>()
-            .map_err(|e| ApiError::bad_request("unknown_priority", e.to_string()))?,
-    };
+    let priority = priority_of(b.priority.as_deref())?;
+    if b.idempotency_key.is_some() {
+        return Err(ApiError::bad_request(
+            "unsupported",
+            "`idempotency_key` needs a cluster (`[cluster]`): a single node keeps no record \
+             of keys",
+        ));
+    }
+    let timeout = timeout_of(b.timeout_ms)?;
     // Shed before anything else is built when the node is past its load limit; the permit is
     // held until the task's outcome is known.
     let permit = state.admission.try_enter(priority)?;
@@ -566,14 +618,8 @@ fn submit_one(
         }
     }
     .priority(priority);
-    if let Some(ms) = b.timeout_ms {
-        if ms == 0 {
-            return Err(ApiError::bad_request(
-                "invalid_task",
-                "`timeout_ms` must be above zero",
-            ));
-        }
-        task = task.timeout(Duration::from_millis(ms));
+    if let Some(t) = timeout {
+        task = task.timeout(t);
     }
     if b.retries > 0 {
         task = task.retry(RetryPolicy::attempts(
@@ -618,6 +664,9 @@ async fn submit_task(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let b: SubmitBody = read_json(&state, &headers, body).await?;
+    if let Some(c) = &state.cluster {
+        return crate::clustered::submit(&state, c, b, query.wait).await;
+    }
     let (handle, priority, permit) = submit_one(&state, b)?;
     let id = handle.id();
     if query.wait {
@@ -640,7 +689,7 @@ async fn submit_task(
 const MAX_BATCH: usize = 10_000;
 
 /// One item's result in a batch: what the single endpoint would have answered.
-fn item_error(e: ApiError) -> serde_json::Value {
+pub(crate) fn item_error(e: ApiError) -> serde_json::Value {
     json!({ "status": e.status.as_u16(), "error": e.code, "message": e.message })
 }
 
@@ -703,6 +752,9 @@ async fn submit_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let items: Vec<Result<SubmitBody, ApiError>> = read_batch(&state, &headers, body).await?;
+    if let Some(c) = &state.cluster {
+        return Ok(crate::clustered::submit_batch(&state, c, items).await);
+    }
     let mut accepted = 0usize;
     let results: Vec<serde_json::Value> = items
         .into_iter()
@@ -729,6 +781,8 @@ async fn submit_batch(
 struct MessageBody {
     topic: Option<String>,
     agent: Option<u32>,
+    /// The node of `agent`, in a cluster (this node when absent).
+    node: Option<String>,
     #[serde(default)]
     payload: String,
 }
@@ -737,16 +791,28 @@ struct MessageBody {
 async fn send_one(state: &AppState, b: MessageBody) -> Result<(usize, usize), ApiError> {
     check_payload(state, &b.payload)?;
     let bus = state.runtime.bus();
+    if b.node.is_some() && b.topic.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_target",
+            "`node` goes with `agent`; a topic reaches its subscribers on every node",
+        ));
+    }
     match (b.topic, b.agent) {
         (Some(topic), None) => {
             // Invalid names (empty, too long, odd characters) are a 400 `invalid_topic`.
             let r = bus.publish(&topic, b.payload).await?;
             Ok((r.delivered, r.dropped))
         }
-        (None, Some(agent)) => match bus.send(AgentId(agent), b.payload).await? {
-            troupe::Delivery::Delivered => Ok((1, 0)),
-            troupe::Delivery::Dropped => Ok((0, 1)),
-        },
+        (None, Some(agent)) => {
+            let delivery = match &b.node {
+                Some(node) => bus.remote(node).send(AgentId(agent), b.payload).await?,
+                None => bus.send(AgentId(agent), b.payload).await?,
+            };
+            match delivery {
+                troupe::Delivery::Delivered => Ok((1, 0)),
+                troupe::Delivery::Dropped => Ok((0, 1)),
+            }
+        }
         _ => Err(ApiError::bad_request(
             "invalid_target",
             "give exactly one of `topic` and `agent`",
@@ -804,4 +870,40 @@ async fn send_batch(
         })),
     )
         .into_response())
+}
+
+/// `POST /v1/requests` body: ask one agent (on this node or, with `node`, another) and wait.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestBody {
+    agent: u32,
+    node: Option<String>,
+    #[serde(default)]
+    payload: String,
+    /// How long to wait for the reply (1 s when absent).
+    timeout_ms: Option<u64>,
+}
+
+/// `POST /v1/requests`: a bus request/reply; 200 `{"reply"}`, 504 when the agent did not answer
+/// in time.
+async fn send_request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let b: RequestBody = read_json(&state, &headers, body).await?;
+    check_payload(&state, &b.payload)?;
+    let timeout = timeout_of(b.timeout_ms)?.unwrap_or(Duration::from_secs(1));
+    let bus = state.runtime.bus();
+    let reply = match &b.node {
+        Some(node) => {
+            bus.remote(node)
+                .request(AgentId(b.agent), b.payload, timeout)
+                .await
+        }
+        None => bus.request(AgentId(b.agent), b.payload, timeout).await,
+    };
+    // A timeout or no reply is 504 `no_reply`, like every bus error mapped below.
+    let reply = reply?;
+    Ok(Json(json!({ "reply": String::from_utf8_lossy(&reply) })).into_response())
 }

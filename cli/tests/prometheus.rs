@@ -328,7 +328,48 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let node = Node::start(d.path(), "");
+    // Two clustered nodes (so the cluster row and alerts have their series, the bus crosses
+    // between them) beside the single node that takes the main load.
+    let Some(nats) = common::nats::start(d.path()) else {
+        return;
+    };
+    let small = "[[tiers]]\nname = \"t\"\n[[tiers.agents]]\nkind = \"echo\"\ncount = 4\n";
+    let ca = common::nats::node(d.path(), &nats, "ca", small, "");
+    let cb = common::nats::node(d.path(), &nats, "cb", small, "");
+    let single = d.path().join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    let node = Node::start(&single, "");
+    let cluster_load = {
+        let (a, b) = (ca.addr, cb.addr);
+        std::thread::spawn(move || {
+            for i in 0..20 {
+                let batch: Vec<serde_json::Value> = (0..20)
+                    .map(|_| serde_json::json!({ "kind": "echo", "payload": "x" }))
+                    .collect();
+                let to = if i % 2 == 0 { a } else { b };
+                let r = request(
+                    to,
+                    "POST",
+                    "/v1/tasks/batch",
+                    &[("Content-Type", "application/json")],
+                    Some(&serde_json::Value::from(batch).to_string()),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+                let r = request(
+                    a,
+                    "POST",
+                    "/v1/messages",
+                    &[("Content-Type", "application/json")],
+                    Some(
+                        &serde_json::json!({ "node": "cb", "agent": 0, "payload": "m" })
+                            .to_string(),
+                    ),
+                );
+                assert_eq!(r.status, 202, "{}", r.body);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
 
     // Load in the background: every priority, bus, sandbox, errors and timeouts.
     let addr = node.addr;
@@ -368,6 +409,7 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
         "alerts/slo.yaml",
         "alerts/performance.yaml",
         "alerts/backpressure.yaml",
+        "alerts/cluster.yaml",
     ]
     .iter()
     .map(|f| format!("  - '{}'\n", repo().join(f).display()))
@@ -375,9 +417,11 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: troupe\n    static_configs:\n      - targets: ['{}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: troupe\n    static_configs:\n      - targets: ['{}', '{}', '{}']\n",
             rule_files.concat(),
-            node.addr
+            node.addr,
+            ca.addr,
+            cb.addr
         ),
     )
     .unwrap();
@@ -403,19 +447,24 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
     let rules = request(prom, "GET", "/api/v1/rules", &[], None).json();
     let groups = rules["data"]["groups"].as_array().map_or(0, Vec::len);
     assert!(groups >= 15, "Prometheus loaded {groups} rule groups");
-    wait_for("the node target to be up", Duration::from_secs(60), || {
-        first_value(&query(prom, "up{job=\"troupe\"}")) == Some(1.0)
+    wait_for("the node targets to be up", Duration::from_secs(60), || {
+        first_value(&query(prom, "sum(up{job=\"troupe\"})")) == Some(3.0)
     });
+    let single = format!("instance=\"{}\"", node.addr);
     assert_eq!(
-        first_value(&query(prom, "troupe_agents_capacity")),
+        first_value(&query(prom, &format!("troupe_agents_capacity{{{single}}}"))),
         Some(928.0)
     );
     assert_eq!(
-        first_value(&query(prom, "sum(troupe_agents{state=\"running\"})")),
+        first_value(&query(
+            prom,
+            &format!("sum(troupe_agents{{state=\"running\", {single}}})")
+        )),
         Some(928.0)
     );
 
     let report = load.join().expect("the load ran");
+    cluster_load.join().expect("the cluster load ran");
     let t = &report.tasks.outcomes;
     assert!(
         t.ok > 0 && t.error > 0 && t.timeout > 0,
@@ -486,4 +535,8 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
     );
     let (clean, _) = node.terminate();
     assert!(clean);
+    for n in [ca, cb] {
+        let (clean, _) = n.terminate();
+        assert!(clean, "a clustered node leaves cleanly");
+    }
 }

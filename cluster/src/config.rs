@@ -31,9 +31,10 @@ pub struct ClusterConfig {
     /// Deliveries a task may take (a node that died while running it costs one); past them it
     /// ends `error` with the reason.
     pub max_attempts: u32,
-    /// Tasks one node holds at once from each priority and capability (pulled, not yet
-    /// finished): the bound on outstanding acknowledgements that carries backpressure across
-    /// machines.
+    /// Most tasks of one capability a node holds at once (pulled, not yet finished), across
+    /// priorities; a node also never holds more than twice the agents serving the capability.
+    /// This bound on outstanding acknowledgements is what carries backpressure across
+    /// machines: a busy node stops asking, and the stream keeps the work for the others.
     pub pull_in_flight: usize,
     /// How long task outcomes stay readable (the outcome bucket's retention).
     #[serde(with = "humantime_serde")]
@@ -45,7 +46,9 @@ pub struct ClusterConfig {
     /// task).
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
-    /// Most tasks waiting in the cluster's stream; past it submissions are refused (429).
+    /// Most unfinished tasks the cluster's stream holds. Each priority may fill a share of it
+    /// (critical all, high 90 %, normal 80 %, low 70 %, background 60 %); past its share a
+    /// submission is refused (429 `backlog_full`), so the urgent keep room.
     pub max_backlog: u64,
     /// How long joining may wait for NATS at start.
     #[serde(with = "humantime_serde")]
@@ -62,11 +65,11 @@ impl Default for ClusterConfig {
             credentials: None,
             ack_wait: Duration::from_secs(30),
             max_attempts: 5,
-            pull_in_flight: 64,
+            pull_in_flight: 256,
             outcome_retention: Duration::from_secs(24 * 3600),
             heartbeat: Duration::from_secs(1),
             dedup_window: Duration::from_secs(120),
-            max_backlog: 1_000_000,
+            max_backlog: 100_000,
             connect_timeout: Duration::from_secs(10),
         }
     }

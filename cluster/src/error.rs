@@ -25,10 +25,20 @@ pub enum ClusterError {
     /// The task cannot be carried (bad target name, payload too large).
     #[error("invalid task: {0}")]
     Invalid(String),
-    /// The cluster's stream holds `cluster.max_backlog` tasks: the cluster is past its
-    /// capacity.
-    #[error("the cluster's backlog is full ({0} tasks waiting, `cluster.max_backlog`)")]
-    BacklogFull(u64),
+    /// The cluster's stream holds as many unfinished tasks as this priority may fill of
+    /// `cluster.max_backlog`: the cluster is past its capacity.
+    #[error(
+        "the cluster is past its capacity: {backlog} tasks unfinished, {priority} tasks are \
+         refused from {limit} (its share of `cluster.max_backlog`)"
+    )]
+    BacklogFull {
+        /// Unfinished tasks in the stream.
+        backlog: u64,
+        /// Where this priority is refused.
+        limit: u64,
+        /// The refused task's priority.
+        priority: troupe::Priority,
+    },
     /// This node is leaving the cluster.
     #[error("this node is shutting down")]
     ShuttingDown,

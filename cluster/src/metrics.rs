@@ -7,6 +7,7 @@ use troupe::{MetricsExporter, OutcomeKind, Priority};
 /// Resolved handles.
 pub(crate) struct Metrics {
     submitted: Vec<Counter>,
+    refused: Vec<Vec<Counter>>,
     deduplicated: Counter,
     recorded: Vec<Vec<Counter>>,
     duplicate_outcomes: Counter,
@@ -19,6 +20,9 @@ pub(crate) struct Metrics {
     bus_out: Vec<Counter>,
     bus_in: Vec<Counter>,
 }
+
+/// Why the cluster refused a submission (the `reason` label).
+pub(crate) const REFUSALS: [&str; 3] = ["backlog_full", "no_node", "nats_unreachable"];
 
 /// The bus message kinds that cross nodes.
 pub(crate) const BUS_KINDS: [&str; 3] = ["direct", "publish", "request"];
@@ -35,6 +39,21 @@ impl Metrics {
                         "Tasks this node stored in the cluster's stream.",
                         &[pri(p)],
                     )
+                })
+                .collect(),
+            refused: Priority::ALL
+                .iter()
+                .map(|&p| {
+                    REFUSALS
+                        .iter()
+                        .map(|r| {
+                            e.counter(
+                                "troupe_cluster_submissions_refused_total",
+                                "Submissions the cluster refused, by reason: backlog_full (past the priority's share of cluster.max_backlog), no_node (no live node serves the target), nats_unreachable.",
+                                &[pri(p), ("reason", (*r).to_owned())],
+                            )
+                        })
+                        .collect()
                 })
                 .collect(),
             deduplicated: e.counter(
@@ -126,6 +145,11 @@ impl Metrics {
         } else {
             self.submitted[p.index()].increment(1);
         }
+    }
+
+    /// `reason` is an index into [`REFUSALS`].
+    pub(crate) fn refused(&self, p: Priority, reason: usize) {
+        self.refused[p.index()][reason].increment(1);
     }
 
     pub(crate) fn recorded(&self, p: Priority, o: OutcomeKind) {

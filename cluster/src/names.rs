@@ -55,6 +55,14 @@ impl Names {
         )
     }
 
+    /// The priority of a task subject.
+    pub(crate) fn priority_of(&self, subject: &str) -> Option<Priority> {
+        let rest = subject
+            .strip_prefix(&self.cluster)?
+            .strip_prefix(".tasks.")?;
+        rest.split('.').next()?.parse().ok()
+    }
+
     /// The durable consumer of (`priority`, `capability`).
     pub(crate) fn consumer(&self, priority: Priority, capability: &str) -> String {
         format!(
@@ -82,6 +90,11 @@ impl Names {
     /// Everything addressed to `node`'s agents.
     pub(crate) fn agents_of(&self, node: &str) -> String {
         format!("{}.bus.agent.{node}.*", self.cluster)
+    }
+
+    /// Outcomes of tasks `node` accepted with a waiter.
+    pub(crate) fn done(&self, node: &str) -> String {
+        format!("{}.done.{node}", self.cluster)
     }
 
     /// Publications to `topic`.
@@ -134,5 +147,10 @@ mod tests {
             assert_eq!(n.topic_of(&n.topic(t)).as_deref(), Some(t));
         }
         assert_eq!(n.consumer(Priority::Low, "a.b"), "low-a_2Eb");
+        assert_eq!(
+            n.priority_of(&n.task_subject(Priority::Background, "x.y")),
+            Some(Priority::Background)
+        );
+        assert_eq!(n.priority_of("other.tasks.high.x"), None);
     }
 }

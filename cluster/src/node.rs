@@ -20,8 +20,8 @@
 //! 4. A task delivered more than `max_attempts` times is not run again: it is recorded `error`
 //!    with the reason. A task whose deadline (from acceptance) passed is recorded `timeout`.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,10 @@ use crate::metrics::Metrics;
 use crate::names::Names;
 use crate::wire::{self, NodeRecord, OutcomeRecord, TaskEnvelope};
 
+/// The part of `cluster.max_backlog` each priority may fill (critical first): past it, new
+/// tasks of that priority are refused.
+const BACKLOG_SHARE: [f64; Priority::COUNT] = [1.0, 0.9, 0.8, 0.7, 0.6];
+
 /// A task to submit to the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterTask {
@@ -58,6 +62,9 @@ pub struct ClusterTask {
     pub sandboxed: bool,
     /// Submissions with the same key within `dedup_window` are one task.
     pub idempotency_key: Option<String>,
+    /// A caller will [`Cluster::wait`] for it on this node: the node that records the outcome
+    /// pushes it here, instead of this node polling for it.
+    pub wait: bool,
 }
 
 /// A submission JetStream has stored.
@@ -107,10 +114,18 @@ pub struct Cluster {
     held: DashMap<u64, Arc<jetstream::Message>>,
     /// `?wait` callers, by task id.
     waiters: DashMap<u64, Vec<oneshot::Sender<OutcomeRecord>>>,
+    /// Outcomes pushed here before their waiter arrived (the task finished between its
+    /// acceptance and the `wait` call), kept a few seconds.
+    early: DashMap<u64, (Instant, OutcomeRecord)>,
+    /// The stream's backlog per priority at the last heartbeat.
+    backlog_seen: [AtomicU64; Priority::COUNT],
     /// Capabilities served by the live nodes, refreshed every heartbeat.
     served: Mutex<HashSet<String>>,
     leaving: AtomicBool,
+    /// The pumps pulling tasks (left to finish on leaving).
     pumps: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Heartbeats, keep-alive, listeners (stopped on leaving).
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -219,9 +234,12 @@ impl Cluster {
             metrics: OnceLock::new(),
             held: DashMap::new(),
             waiters: DashMap::new(),
+            early: DashMap::new(),
+            backlog_seen: Default::default(),
             served: Mutex::new(HashSet::new()),
             leaving: AtomicBool::new(false),
             pumps: Mutex::new(Vec::new()),
+            background: Mutex::new(Vec::new()),
         }))
     }
 
@@ -284,15 +302,13 @@ impl Cluster {
         self.refresh_served().await;
         let mut pumps = Vec::new();
         for capability in runtime.capabilities() {
+            // Enough for every agent of the capability to have its next task here, no more:
+            // what this node cannot start soon stays in the stream for the others.
+            let agents = runtime.agents_with(&capability).len();
+            let gate = Gate::new(self.config.pull_in_flight.min(2 * agents));
             for priority in Priority::ALL {
                 let consumer = self.consumer(priority, &capability).await?;
-                let source = JsSource {
-                    cluster: self.clone(),
-                    consumer,
-                    priority,
-                    buffer: Mutex::new(VecDeque::new()),
-                    outstanding: AtomicUsize::new(0),
-                };
+                let source = JsSource::new(self.clone(), consumer, priority, gate.clone());
                 let rt = runtime.clone();
                 let max = self.config.pull_in_flight;
                 let me = self.clone();
@@ -306,14 +322,15 @@ impl Cluster {
                 }));
             }
         }
-        let me = self.clone();
-        pumps.push(tokio::spawn(async move { me.heartbeats().await }));
-        let me = self.clone();
-        pumps.push(tokio::spawn(async move { me.keep_alive().await }));
-        let me = self.clone();
-        pumps.push(tokio::spawn(async move { me.watch_outcomes().await }));
-        pumps.extend(crate::bus::listen(self.clone()).await?);
         *self.pumps.lock().unwrap_or_else(|p| p.into_inner()) = pumps;
+        let mut background = Vec::new();
+        let me = self.clone();
+        background.push(tokio::spawn(async move { me.heartbeats().await }));
+        let me = self.clone();
+        background.push(tokio::spawn(async move { me.keep_alive().await }));
+        background.push(self.listen_done().await?);
+        background.extend(crate::bus::listen(self.clone()).await?);
+        *self.background.lock().unwrap_or_else(|p| p.into_inner()) = background;
         Ok(())
     }
 
@@ -349,13 +366,22 @@ impl Cluster {
         self.leaving.store(true, Ordering::Release);
     }
 
-    /// Leaves the cluster after the runtime's shutdown: withdraws the heartbeat and stops the
-    /// background work.
+    /// Leaves the cluster after the runtime's shutdown: lets the pumps record the outcomes
+    /// of what ran (up to `ack_wait`; what they could not record is redelivered), withdraws
+    /// the heartbeat and stops the background work.
     pub async fn leave(&self) {
         self.leaving.store(true, Ordering::Release);
-        let _ = self.nodes.delete(&self.config.node).await;
         let pumps = std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
-        for p in pumps {
+        let deadline = tokio::time::Instant::now() + self.config.ack_wait;
+        for mut p in pumps {
+            if tokio::time::timeout_at(deadline, &mut p).await.is_err() {
+                p.abort();
+            }
+        }
+        let _ = self.nodes.delete(&self.config.node).await;
+        let background =
+            std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        for p in background {
             p.abort();
         }
         let _ = self.client.flush().await;
@@ -363,6 +389,59 @@ impl Cluster {
 
     /// Submits `task`: `Ok` once JetStream has stored it.
     pub async fn submit(&self, task: ClusterTask) -> Result<Accepted, ClusterError> {
+        let priority = task.priority;
+        let ack = self
+            .publish(task)
+            .await
+            .inspect_err(|e| self.count_refusal(priority, e))?;
+        self.confirmed(priority, ack.await)
+    }
+
+    /// Counts a refusal the operator should see (capacity, topology, NATS); a client's
+    /// mistake is not counted here.
+    fn count_refusal(&self, priority: Priority, e: &ClusterError) {
+        let reason = match e {
+            ClusterError::BacklogFull { .. } => 0,
+            ClusterError::NoNode(_) => 1,
+            ClusterError::Unreachable(_) | ClusterError::JetStream(_) => 2,
+            _ => return,
+        };
+        if let Some(m) = self.metrics() {
+            m.refused(priority, reason);
+        }
+    }
+
+    /// Submits many tasks at once: every one is handed to JetStream before any confirmation
+    /// is awaited, so a batch costs about one round trip, not one per task. One result per
+    /// task, in order.
+    pub async fn submit_many(
+        &self,
+        tasks: Vec<ClusterTask>,
+    ) -> Vec<Result<Accepted, ClusterError>> {
+        let mut pending = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let priority = task.priority;
+            let published = self.publish(task).await;
+            if let Err(e) = &published {
+                self.count_refusal(priority, e);
+            }
+            pending.push((priority, published));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (priority, p) in pending {
+            out.push(match p {
+                Ok(ack) => self.confirmed(priority, ack.await),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Checks `task` and hands it to JetStream; the returned future is its confirmation.
+    async fn publish(
+        &self,
+        task: ClusterTask,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, ClusterError> {
         if self.leaving.load(Ordering::Acquire) {
             return Err(ClusterError::ShuttingDown);
         }
@@ -372,6 +451,7 @@ impl Cluster {
         if task.target.is_empty() {
             return Err(ClusterError::Invalid("the target is empty".into()));
         }
+        self.check_backlog(task.priority)?;
         if !self
             .served
             .lock()
@@ -383,20 +463,28 @@ impl Cluster {
                 task.target
             )));
         }
+        let subject = self.names.task_subject(task.priority, &task.target);
         let envelope = TaskEnvelope {
-            target: task.target.clone(),
+            target: task.target,
             priority: task.priority,
             payload: task.payload.to_vec(),
             timeout_ms: task.timeout.map_or(0, |t| t.as_millis() as u64),
             accepted_at_ms: wire::now_ms(),
             retries: task.retries,
             sandboxed: task.sandboxed,
-            trace: troupe::TraceContext::default(),
+            trace: troupe::TraceContext::current(),
             accepted_by: self.config.node.clone(),
+            notify: task.wait,
         };
         let body = wire::encode(&envelope).map_err(ClusterError::Invalid)?;
-        let subject = self.names.task_subject(task.priority, &task.target);
-        let ack = match &task.idempotency_key {
+        if body.len() > self.client.server_info().max_payload {
+            return Err(ClusterError::Invalid(format!(
+                "the task is {} bytes on the wire; NATS takes at most {} (its `max_payload`)",
+                body.len(),
+                self.client.server_info().max_payload
+            )));
+        }
+        match &task.idempotency_key {
             Some(key) => {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", key.as_str());
@@ -404,18 +492,31 @@ impl Cluster {
             }
             None => self.js.publish(subject, body).await,
         }
-        .map_err(ClusterError::js)?
-        .await
-        .map_err(|e| {
-            let text = e.to_string();
-            if text.contains("maximum messages exceeded") {
-                ClusterError::BacklogFull(self.config.max_backlog)
-            } else {
-                ClusterError::JetStream(text)
-            }
-        })?;
+        .map_err(ClusterError::js)
+    }
+
+    /// Turns JetStream's confirmation into the submission's result.
+    fn confirmed(
+        &self,
+        priority: Priority,
+        ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+    ) -> Result<Accepted, ClusterError> {
+        let ack = ack
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("maximum messages exceeded") {
+                    ClusterError::BacklogFull {
+                        backlog: self.config.max_backlog,
+                        limit: self.config.max_backlog,
+                        priority,
+                    }
+                } else {
+                    ClusterError::JetStream(text)
+                }
+            })
+            .inspect_err(|e| self.count_refusal(priority, e))?;
         if let Some(m) = self.metrics() {
-            m.submitted(task.priority, ack.duplicate);
+            m.submitted(priority, ack.duplicate);
         }
         Ok(Accepted {
             id: ack.sequence,
@@ -447,26 +548,60 @@ impl Cluster {
         }
     }
 
-    /// Waits up to `timeout` for task `id`'s outcome, wherever it runs.
+    /// Waits up to `timeout` for task `id`'s outcome, wherever it runs (`None` when it has
+    /// none yet). For a task submitted here with [`ClusterTask::wait`] the node that records
+    /// the outcome pushes it here, and the bucket is read only every second as a fallback; any
+    /// other task is looked up in the bucket every 200 ms.
     pub async fn wait(
         &self,
         id: u64,
         timeout: Duration,
+        pushed: bool,
     ) -> Result<Option<OutcomeRecord>, ClusterError> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.waiters.entry(id).or_default().push(tx);
-        // The outcome may have been recorded before the waiter was registered.
-        if let TaskStatus::Done(r) = self.status(id).await? {
-            self.waiters.remove(&id);
+        // Pushed before the waiter was registered.
+        if let Some((_, (_, r))) = self.early.remove(&id) {
+            self.forget_waiter(id, rx);
             return Ok(Some(r));
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => Ok(Some(r)),
-            _ => {
-                self.waiters.remove(&id);
-                Ok(None)
+        let every = if pushed {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(200)
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut look = !pushed;
+        let result = loop {
+            if look {
+                match self.status(id).await {
+                    Ok(TaskStatus::Done(r)) => break Ok(Some(r)),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
             }
+            look = true;
+            let next = (tokio::time::Instant::now() + every).min(deadline);
+            tokio::select! {
+                r = &mut rx => break Ok(r.ok()),
+                _ = tokio::time::sleep_until(next) => {
+                    if next >= deadline {
+                        break Ok(None);
+                    }
+                }
+            }
+        };
+        self.forget_waiter(id, rx);
+        result
+    }
+
+    /// Forgets one waiter (and any other gone one), not the others still waiting on `id`.
+    fn forget_waiter(&self, id: u64, rx: oneshot::Receiver<OutcomeRecord>) {
+        drop(rx);
+        if let Some(mut w) = self.waiters.get_mut(&id) {
+            w.retain(|tx| !tx.is_closed());
         }
+        self.waiters.remove_if(&id, |_, w| w.is_empty());
     }
 
     /// Every node that announced itself, with its state.
@@ -490,30 +625,44 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Tasks waiting in the stream per priority (not yet pulled by any node), most urgent
-    /// first.
+    /// Accepted tasks without an outcome yet (waiting in the stream or running on a node),
+    /// per priority, most urgent first: one request to JetStream.
     pub async fn backlog(&self) -> Result<[u64; Priority::COUNT], ClusterError> {
         let mut out = [0u64; Priority::COUNT];
-        let mut names = self.stream.consumer_names();
-        let mut seen = Vec::new();
-        while let Some(Ok(name)) = names.next().await {
-            seen.push(name);
-        }
-        for name in seen {
-            let Some(p) = Priority::ALL
-                .into_iter()
-                .find(|p| name.starts_with(&format!("{}-", p.as_str())))
-            else {
-                continue;
-            };
-            let consumer: Result<consumer::PullConsumer, _> = self.stream.get_consumer(&name).await;
-            if let Ok(c) = consumer {
-                if let Ok(info) = c.get_info().await {
-                    out[p.index()] += info.num_pending;
-                }
+        let mut subjects = self
+            .stream
+            .info_with_subjects(self.names.task_subjects())
+            .await
+            .map_err(ClusterError::js)?;
+        while let Some(Ok((subject, count))) = subjects.next().await {
+            if let Some(p) = self.names.priority_of(&subject) {
+                out[p.index()] += count as u64;
             }
         }
+        for (seen, &n) in self.backlog_seen.iter().zip(&out) {
+            seen.store(n, Ordering::Relaxed);
+        }
         Ok(out)
+    }
+
+    /// Refuses a submission of `priority` when the stream is past that priority's share of
+    /// `max_backlog` (as of the last heartbeat): less urgent work is refused first, so a
+    /// cluster past its capacity keeps room for the urgent.
+    fn check_backlog(&self, priority: Priority) -> Result<(), ClusterError> {
+        let total: u64 = self
+            .backlog_seen
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
+        let limit = (self.config.max_backlog as f64 * BACKLOG_SHARE[priority.index()]) as u64;
+        if total >= limit {
+            return Err(ClusterError::BacklogFull {
+                backlog: total,
+                limit,
+                priority,
+            });
+        }
+        Ok(())
     }
 
     async fn heartbeat_once(&self) {
@@ -554,7 +703,6 @@ impl Cluster {
     async fn heartbeats(&self) {
         let mut tick = tokio::time::interval(self.config.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut beats = 0u64;
         loop {
             tick.tick().await;
             if self.leaving.load(Ordering::Acquire) {
@@ -562,10 +710,9 @@ impl Cluster {
             }
             self.heartbeat_once().await;
             self.refresh_served().await;
-            beats += 1;
-            // The stream backlog is a handful of requests: every few beats is enough.
-            if beats % 5 == 0 {
-                if let (Some(m), Ok(b)) = (self.metrics(), self.backlog().await) {
+            self.prune_early();
+            if let Ok(b) = self.backlog().await {
+                if let Some(m) = self.metrics() {
                     m.backlog(&b);
                 }
             }
@@ -586,56 +733,56 @@ impl Cluster {
         }
     }
 
-    /// Hands recorded outcomes to the `?wait` callers of this node.
-    async fn watch_outcomes(&self) {
-        loop {
-            let from = match self
-                .js
-                .get_stream(format!("KV_{}", self.names.outcomes()))
-                .await
-            {
-                Ok(mut s) => s
-                    .info()
-                    .await
-                    .map(|i| i.state.last_sequence + 1)
-                    .unwrap_or(1),
-                Err(_) => 1,
-            };
-            let Ok(mut watch) = self.outcomes.watch_all_from_revision(from).await else {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            };
-            while let Some(Ok(entry)) = watch.next().await {
-                if entry.operation != kv::Operation::Put {
-                    continue;
+    /// Hands a pushed outcome to its waiters, or keeps it for the waiter still to come.
+    fn deliver(&self, record: OutcomeRecord) {
+        match self.waiters.remove(&record.id) {
+            Some((_, waiters)) => {
+                for w in waiters {
+                    let _ = w.send(record.clone());
                 }
-                let Ok(id) = entry.key.parse::<u64>() else {
+            }
+            None => {
+                self.early.insert(record.id, (Instant::now(), record));
+            }
+        }
+    }
+
+    /// Forgets pushed outcomes nobody came to wait for.
+    fn prune_early(&self) {
+        self.early
+            .retain(|_, (at, _)| at.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Hands the outcomes other nodes recorded for tasks submitted here with a waiter to
+    /// the `?wait` callers. (A caller waiting on another node than the one it submitted to
+    /// polls the bucket instead: see [`Cluster::wait`].)
+    async fn listen_done(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>, ClusterError> {
+        let mut done = self
+            .client
+            .subscribe(self.names.done(&self.config.node))
+            .await
+            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
+        let me = self.clone();
+        Ok(tokio::spawn(async move {
+            while let Some(msg) = done.next().await {
+                let Ok(record) = serde_json::from_slice::<OutcomeRecord>(&msg.payload) else {
                     continue;
                 };
-                if let Some((_, waiters)) = self.waiters.remove(&id) {
-                    if let Ok(record) = serde_json::from_slice::<OutcomeRecord>(&entry.value) {
-                        for w in waiters {
-                            let _ = w.send(record.clone());
-                        }
-                    }
-                }
+                me.deliver(record);
             }
-            if self.leaving.load(Ordering::Acquire) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        }))
     }
 
     /// Records `record` as task `id`'s outcome (the first one recorded wins) and acknowledges
     /// the message; retries while NATS is away, for up to half the ack wait (past that another
     /// node will have the task).
-    async fn record(&self, msg: &jetstream::Message, record: OutcomeRecord) {
+    async fn record(&self, msg: &jetstream::Message, record: OutcomeRecord, notify: Option<&str>) {
         let id = record.id;
         let Ok(value) = serde_json::to_vec(&record) else {
             return;
         };
         let value = Bytes::from(value);
+        let mut first = false;
         let give_up = Instant::now() + self.config.ack_wait / 2;
         let mut delay = Duration::from_millis(20);
         loop {
@@ -644,6 +791,7 @@ impl Cluster {
                     if let Some(m) = self.metrics() {
                         m.recorded(record.priority, record.outcome);
                     }
+                    first = true;
                     break;
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -667,6 +815,13 @@ impl Cluster {
         }
         self.held.remove(&id);
         let _ = msg.ack().await;
+        if let (true, Some(node)) = (first, notify) {
+            if node == self.config.node {
+                self.deliver(record);
+            } else {
+                let _ = self.client.publish(self.names.done(node), value).await;
+            }
+        }
     }
 }
 
@@ -676,56 +831,173 @@ pub(crate) struct Receipt {
     id: u64,
     priority: Priority,
     attempts: u64,
+    /// The node to tell when the outcome is recorded (a `?wait` caller waits there).
+    notify: Option<String>,
+}
+
+/// How much of one capability's work this node holds (pulled, not yet finished), shared by
+/// the five priority sources of the capability.
+///
+/// Room is reserved when a pull request goes out (for as many tasks as it asks) and given back
+/// for what the request did not bring, so requests of the five priorities cannot together ask
+/// for more than `limit`. Each priority may fill only its share of the limit
+/// ([`BACKLOG_SHARE`]), so background work never takes all the room critical work would need.
+/// A priority that found nothing last time only probes (asks for one task, unreserved), so an
+/// idle priority holds no room: the node holds at most `limit` plus one task per priority.
+struct Gate {
+    limit: usize,
+    used: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Gate {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Gate {
+            limit: limit.max(1),
+            used: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The room `priority` may still reserve.
+    fn room(&self, priority: Priority) -> usize {
+        let share = ((self.limit as f64) * BACKLOG_SHARE[priority.index()]).ceil() as usize;
+        share
+            .max(1)
+            .saturating_sub(self.used.load(Ordering::Acquire))
+    }
+
+    /// Reserves up to `want`; returns what it got.
+    fn reserve(&self, priority: Priority, want: usize) -> usize {
+        let share = ((self.limit as f64) * BACKLOG_SHARE[priority.index()]).ceil() as usize;
+        let share = share.max(1);
+        let mut got = 0;
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                got = want.min(share.saturating_sub(used));
+                Some(used + got)
+            });
+        got
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+            self.freed.notify_waiters();
+        }
+    }
 }
 
 /// A (priority, capability) consumer as a [`TaskSource`].
+///
+/// It keeps one pull request open at a time, for the room its [`Gate`] gives, and takes its
+/// messages as they arrive. A new request goes out once a quarter of the priority's room is
+/// free (or the capability holds nothing), so a busy node asks for tasks in batches rather
+/// than one round trip per task, and an idle one asks at once.
 struct JsSource {
     cluster: Arc<Cluster>,
     consumer: consumer::PullConsumer,
     priority: Priority,
-    buffer: Mutex<VecDeque<jetstream::Message>>,
-    /// Pulled and not yet reported (buffered, queued or running).
-    outstanding: AtomicUsize,
+    gate: Arc<Gate>,
+    /// The open pull request. Only the one pump of this source calls `next`, so the lock is
+    /// never contended; it is async because a message is awaited while holding it.
+    batch: tokio::sync::Mutex<Option<consumer::pull::Batch>>,
+    /// Room the open request reserved and has not yet brought.
+    reserved: AtomicUsize,
+    /// Tasks the open request brought so far.
+    brought: AtomicUsize,
+    /// Tasks the previous request brought: the next asks for twice as many (0: a probe).
+    last: AtomicUsize,
 }
 
 impl JsSource {
-    fn pop(&self) -> Option<jetstream::Message> {
-        self.buffer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
+    fn new(
+        cluster: Arc<Cluster>,
+        consumer: consumer::PullConsumer,
+        priority: Priority,
+        gate: Arc<Gate>,
+    ) -> Self {
+        JsSource {
+            cluster,
+            consumer,
+            priority,
+            gate,
+            batch: tokio::sync::Mutex::new(None),
+            reserved: AtomicUsize::new(0),
+            brought: AtomicUsize::new(0),
+            last: AtomicUsize::new(0),
+        }
     }
 
-    /// Fetches up to what this source may still hold, waiting at most a second.
-    async fn fetch(&self) {
-        let room = self
-            .cluster
-            .config
-            .pull_in_flight
-            .saturating_sub(self.outstanding.load(Ordering::Acquire))
-            .max(1);
-        let batch = self
+    /// A held task was reported.
+    fn release(&self) {
+        self.gate.give_back(1);
+    }
+
+    /// The open request ended: what it reserved and did not bring is free again.
+    fn end_batch(&self) {
+        self.gate.give_back(self.reserved.swap(0, Ordering::AcqRel));
+        self.last
+            .store(self.brought.swap(0, Ordering::AcqRel), Ordering::Release);
+    }
+
+    /// Opens a pull request for the room left, waiting first until enough is free.
+    async fn open_batch(&self) -> Option<consumer::pull::Batch> {
+        let last = self.last.load(Ordering::Acquire);
+        let want = if last == 0 {
+            // Nothing came last time: probe for one, holding no room.
+            self.reserved.store(0, Ordering::Release);
+            1
+        } else {
+            let target = last.saturating_mul(2);
+            let want = loop {
+                let room = self.gate.room(self.priority);
+                let enough = target.min((self.gate.limit / 4).max(1));
+                if room >= enough || (room > 0 && self.gate.used.load(Ordering::Acquire) == 0) {
+                    let got = self.gate.reserve(self.priority, room.min(target));
+                    if got > 0 {
+                        break got;
+                    }
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), self.gate.freed.notified())
+                    .await;
+                if self.cluster.leaving.load(Ordering::Acquire) {
+                    return None;
+                }
+            };
+            self.reserved.store(want, Ordering::Release);
+            want
+        };
+        match self
             .consumer
-            .fetch()
-            .max_messages(room)
+            .batch()
+            .max_messages(want)
             .expires(Duration::from_secs(1))
             .messages()
-            .await;
-        let Ok(mut batch) = batch else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            return;
-        };
-        let mut got = Vec::new();
-        while let Some(m) = batch.next().await {
-            match m {
-                Ok(m) => got.push(m),
-                Err(_) => break,
+            .await
+        {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.end_batch();
+                tracing::debug!(error = %e, "pull request failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                None
             }
         }
-        self.buffer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(got);
+    }
+
+    /// Hands back whatever the open pull request still brings: this node is leaving.
+    async fn hand_back(&self) {
+        let Some(mut batch) = self.batch.lock().await.take() else {
+            return;
+        };
+        while let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_millis(20), batch.next()).await
+        {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
+        self.end_batch();
     }
 
     /// Turns a message into a task, or settles it at once (unreadable, out of attempts, past
@@ -736,52 +1008,57 @@ impl JsSource {
             Err(_) => return None,
         };
         let msg = Arc::new(msg);
-        self.cluster.held.insert(id, msg.clone());
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
         let c = &self.cluster;
+        c.held.insert(id, msg.clone());
+        // Its room was reserved by the request that brought it, unless a probe brought it.
+        self.brought.fetch_add(1, Ordering::AcqRel);
+        if self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
+            .is_err()
+        {
+            self.gate.used.fetch_add(1, Ordering::AcqRel);
+        }
         if attempts > 1 {
             if let Some(m) = c.metrics() {
                 m.redelivered();
             }
         }
-        let settle = |outcome: OutcomeKind, detail: String| OutcomeRecord {
+        let settle = |outcome: OutcomeKind, detail: Option<String>| OutcomeRecord {
             id,
             status: "done".into(),
             priority: self.priority,
             outcome,
-            detail: Some(detail),
+            detail,
             node: c.config.node.clone(),
             attempts,
         };
         let envelope: TaskEnvelope = match wire::decode(&msg.payload) {
             Ok(e) => e,
             Err(why) => {
-                c.record(
-                    &msg,
-                    settle(OutcomeKind::Error, format!("unreadable task: {why}")),
-                )
-                .await;
-                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                let r = settle(OutcomeKind::Error, Some(format!("unreadable task: {why}")));
+                c.record(&msg, r, None).await;
+                self.release();
                 return None;
             }
         };
+        let notify = envelope.notify.then(|| envelope.accepted_by.clone());
         if attempts > u64::from(c.config.max_attempts) {
             if let Some(m) = c.metrics() {
                 m.dead_lettered();
             }
+            let why = format!(
+                "gave up after {} deliveries (`cluster.max_attempts`): the nodes running it \
+                 stopped before it ended",
+                attempts - 1
+            );
             c.record(
                 &msg,
-                settle(
-                    OutcomeKind::Error,
-                    format!(
-                        "gave up after {} deliveries (`cluster.max_attempts`): the nodes running \
-                         it stopped before it ended",
-                        attempts - 1
-                    ),
-                ),
+                settle(OutcomeKind::Error, Some(why)),
+                notify.as_deref(),
             )
             .await;
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.release();
             return None;
         }
         let mut task =
@@ -790,10 +1067,9 @@ impl JsSource {
             let deadline = envelope.accepted_at_ms + envelope.timeout_ms;
             let left = deadline.saturating_sub(wire::now_ms());
             if left == 0 {
-                let mut r = settle(OutcomeKind::Timeout, String::new());
-                r.detail = None;
-                c.record(&msg, r).await;
-                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                c.record(&msg, settle(OutcomeKind::Timeout, None), notify.as_deref())
+                    .await;
+                self.release();
                 return None;
             }
             task = task.timeout(Duration::from_millis(left));
@@ -814,6 +1090,7 @@ impl JsSource {
                 id,
                 priority: self.priority,
                 attempts,
+                notify,
             },
         })
     }
@@ -826,22 +1103,39 @@ impl TaskSource for JsSource {
         loop {
             if self.cluster.leaving.load(Ordering::Acquire) {
                 // Pulled but never started: hand them straight back.
-                while let Some(m) = self.pop() {
-                    let _ = m.ack_with(AckKind::Nak(None)).await;
-                }
+                self.hand_back().await;
                 return None;
             }
-            if let Some(msg) = self.pop() {
-                if let Some(t) = self.admit(msg).await {
-                    return Some(t);
-                }
-                continue;
-            }
             if !self.cluster.connected() {
+                if self.batch.lock().await.take().is_some() {
+                    self.end_batch();
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            self.fetch().await;
+            let mut batch = self.batch.lock().await;
+            if batch.is_none() {
+                *batch = self.open_batch().await;
+                if batch.is_none() {
+                    continue;
+                }
+            }
+            let Some(open) = batch.as_mut() else { continue };
+            // Wake now and then to notice leaving or a lost connection.
+            match tokio::time::timeout(Duration::from_millis(250), open.next()).await {
+                Ok(Some(Ok(msg))) => {
+                    drop(batch);
+                    if let Some(t) = self.admit(msg).await {
+                        return Some(t);
+                    }
+                }
+                // The request expired, was filled, or failed: the next turn opens another.
+                Ok(Some(Err(_)) | None) => {
+                    *batch = None;
+                    self.end_batch();
+                }
+                Err(_) => {}
+            }
         }
     }
 
@@ -857,7 +1151,7 @@ impl TaskSource for JsSource {
             // node takes it.
             self.cluster.held.remove(&r.id);
             let _ = r.msg.ack_with(AckKind::Nak(None)).await;
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.release();
             return;
         }
         let record = OutcomeRecord {
@@ -869,8 +1163,10 @@ impl TaskSource for JsSource {
             node: self.cluster.config.node.clone(),
             attempts: r.attempts,
         };
-        self.cluster.record(&r.msg, record).await;
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.cluster
+            .record(&r.msg, record, r.notify.as_deref())
+            .await;
+        self.release();
     }
 
     async fn refused(&self, r: Receipt, rejected: Rejected) {
@@ -882,6 +1178,6 @@ impl TaskSource for JsSource {
             _ => Some(Duration::from_millis(50)),
         };
         let _ = r.msg.ack_with(AckKind::Nak(delay)).await;
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.release();
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct TaskEnvelope {
     pub(crate) trace: TraceContext,
     /// The node it was accepted on.
     pub(crate) accepted_by: String,
+    /// Someone waits on `accepted_by` for the outcome: tell it when it is recorded.
+    pub(crate) notify: bool,
 }
 
 /// A bus message between nodes.
@@ -146,6 +148,7 @@ mod tests {
             sandboxed: false,
             trace: TraceContext::default(),
             accepted_by: "a".into(),
+            notify: true,
         };
         let bytes = encode(&t).unwrap();
         assert_eq!(decode::<TaskEnvelope>(&bytes).unwrap(), t);

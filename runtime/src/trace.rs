@@ -19,6 +19,14 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
+impl TraceContext {
+    /// The current span's context: what a layer carrying work to another process (the
+    /// cluster) puts on the wire so the far side's spans join the same trace.
+    pub fn current() -> Self {
+        current()
+    }
+}
+
 /// The current span's trace context (empty without the `otel` feature or outside a trace).
 #[inline]
 pub(crate) fn current() -> TraceContext {

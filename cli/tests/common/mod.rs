@@ -1,6 +1,8 @@
 //! A `troupe serve` process for tests, and a minimal HTTP/1.1 client over loopback.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -67,6 +67,47 @@ pub struct ClusterTask {
     pub wait: bool,
 }
 
+impl ClusterTask {
+    /// A normal-priority task for `target` (a kind or capability some node serves), with the
+    /// runtime's default timeout counted from acceptance.
+    pub fn new(target: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        ClusterTask {
+            target: target.into(),
+            priority: Priority::Normal,
+            payload: payload.into(),
+            timeout: None,
+            retries: 0,
+            sandboxed: false,
+            idempotency_key: None,
+            wait: false,
+        }
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, p: Priority) -> Self {
+        self.priority = p;
+        self
+    }
+
+    /// Sets the total time from acceptance to outcome.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Makes a resubmission with the same `key` within `dedup_window` the same task.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Says a caller will [`Cluster::wait`] for it on this node.
+    pub fn waited(mut self) -> Self {
+        self.wait = true;
+        self
+    }
+}
+
 /// A submission JetStream has stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accepted {
@@ -121,6 +162,8 @@ pub struct Cluster {
     backlog_seen: [AtomicU64; Priority::COUNT],
     /// Capabilities served by the live nodes, refreshed every heartbeat.
     served: Mutex<HashSet<String>>,
+    /// When a submission last looked at the members for a capability it did not know.
+    served_at: Mutex<Instant>,
     leaving: AtomicBool,
     /// The pumps pulling tasks (left to finish on leaving).
     pumps: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -237,6 +280,12 @@ impl Cluster {
             early: DashMap::new(),
             backlog_seen: Default::default(),
             served: Mutex::new(HashSet::new()),
+            // So the first miss looks at once.
+            served_at: Mutex::new(
+                Instant::now()
+                    .checked_sub(Duration::from_secs(1))
+                    .unwrap_or_else(Instant::now),
+            ),
             leaving: AtomicBool::new(false),
             pumps: Mutex::new(Vec::new()),
             background: Mutex::new(Vec::new()),
@@ -452,18 +501,21 @@ impl Cluster {
             return Err(ClusterError::Invalid("the target is empty".into()));
         }
         self.check_backlog(task.priority)?;
-        if !self
-            .served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&task.target)
-        {
+        if !self.serves(&task.target).await {
             return Err(ClusterError::NoNode(format!(
                 "capability `{}`",
                 task.target
             )));
         }
         let subject = self.names.task_subject(task.priority, &task.target);
+        // The run, on whichever node, joins this span's trace (with the `otel` feature).
+        let span = tracing::debug_span!(
+            "troupe.cluster.submit",
+            target = %task.target,
+            priority = task.priority.as_str(),
+            node = %self.config.node
+        );
+        let trace = span.in_scope(troupe::TraceContext::current);
         let envelope = TaskEnvelope {
             target: task.target,
             priority: task.priority,
@@ -472,7 +524,7 @@ impl Cluster {
             accepted_at_ms: wire::now_ms(),
             retries: task.retries,
             sandboxed: task.sandboxed,
-            trace: troupe::TraceContext::current(),
+            trace,
             accepted_by: self.config.node.clone(),
             notify: task.wait,
         };
@@ -680,6 +732,32 @@ impl Cluster {
         if let Ok(bytes) = serde_json::to_vec(&record) {
             let _ = self.nodes.put(&self.config.node, Bytes::from(bytes)).await;
         }
+    }
+
+    /// True if a live node serves `target`. A miss looks at the members again (at most every
+    /// 100 ms) before it is believed: a node that joined since the last heartbeat counts.
+    async fn serves(&self, target: &str) -> bool {
+        let known = |c: &Self| {
+            c.served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(target)
+        };
+        if known(self) {
+            return true;
+        }
+        let stale = {
+            let mut at = self.served_at.lock().unwrap_or_else(|p| p.into_inner());
+            let stale = at.elapsed() >= Duration::from_millis(100);
+            if stale {
+                *at = Instant::now();
+            }
+            stale
+        };
+        if stale {
+            self.refresh_served().await;
+        }
+        known(self)
     }
 
     /// What the live nodes serve, for submission to check against.
@@ -1061,8 +1139,9 @@ impl JsSource {
             self.release();
             return None;
         }
-        let mut task =
-            Task::new(envelope.target, Bytes::from(envelope.payload)).priority(envelope.priority);
+        let mut task = Task::new(envelope.target, Bytes::from(envelope.payload))
+            .priority(envelope.priority)
+            .parent(envelope.trace);
         if envelope.timeout_ms > 0 {
             let deadline = envelope.accepted_at_ms + envelope.timeout_ms;
             let left = deadline.saturating_sub(wire::now_ms());

@@ -252,6 +252,7 @@ impl Core {
             deadline,
             retry: task.retry,
             attempt: 1,
+            parent: task.parent,
             submitted_at: now,
             enqueued_at: now,
             group,

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::ids::{AgentId, TaskId};
 use crate::priority::Priority;
+use crate::trace::TraceContext;
 
 /// Who should run a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +130,7 @@ pub struct Task {
     pub(crate) deadline: Option<Instant>,
     pub(crate) retry: RetryPolicy,
     pub(crate) sandboxed: bool,
+    pub(crate) parent: TraceContext,
 }
 
 impl Task {
@@ -143,7 +145,16 @@ impl Task {
             deadline: None,
             retry: RetryPolicy::NONE,
             sandboxed: false,
+            parent: TraceContext::default(),
         }
+    }
+
+    /// Makes the task's `troupe.task` span a child of `parent`: the span of whoever submitted
+    /// it in another process (a cluster node carries it with the task), so one trace shows the
+    /// submission and the run. Without the `otel` feature it is carried and ignored.
+    pub fn parent(mut self, parent: TraceContext) -> Self {
+        self.parent = parent;
+        self
     }
 
     /// Runs the task in the tri-sandbox: on lanes A, B and C, answering with the output two of
@@ -422,6 +433,8 @@ pub(crate) struct QueuedTask {
     pub(crate) deadline: Option<Instant>,
     pub(crate) retry: RetryPolicy,
     pub(crate) attempt: u32,
+    /// The submitter's trace, for the task's span to join.
+    pub(crate) parent: TraceContext,
     pub(crate) submitted_at: Instant,
     pub(crate) enqueued_at: Instant,
     /// Index of the work group it was queued on (retries go back there).

@@ -231,6 +231,7 @@ async fn run_task<A: Agent>(
     // Publish the deadline and the task so the liveness watchdog can answer it if this thread
     // gets stuck in a handler that never yields.
     let deadline_ms = limit.map_or(0, |l| core.pool().ms_at(l).max(1));
+    let parent = task.parent;
     slot.begin_task(task, incarnation, deadline_ms);
     let span = tracing::debug_span!(
         "troupe.task",
@@ -240,6 +241,7 @@ async fn run_task<A: Agent>(
         queue_wait_us = crate::telemetry::nanos_between(enqueued_at, now) / 1_000,
         outcome = tracing::field::Empty
     );
+    crate::trace::adopt(&span, &parent);
     let span_handle = span.clone();
     let ran = {
         let handler = AssertUnwindSafe(Guarded::new(

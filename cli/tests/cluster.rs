@@ -434,3 +434,65 @@ fn clustered_submissions_refuse_what_cannot_be_durable() {
         (404, json!("unknown_task"))
     );
 }
+
+#[test]
+fn the_load_tester_spreads_over_the_nodes_and_reports_each() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(nats) = nats::start(d.path()) else {
+        return;
+    };
+    let a = nats::node(d.path(), &nats, "a", &pool(4, 5), "");
+    let b = nats::node(d.path(), &nats, "b", &pool(4, 5), "");
+    let c = nats::node(d.path(), &nats, "c", &pool(4, 5), "");
+    let urls = [&a, &b, &c]
+        .iter()
+        .map(|n| format!("http://{}", n.addr))
+        .collect::<Vec<_>>()
+        .join(",");
+    let report = rt().block_on(async {
+        let mix = troupe_loadtest::mix::Mix::from_toml_str(
+            "name = \"cluster\"\n[[task]]\nname = \"work\"\nkind = \"echo\"\ncapability = \"work\"\nshare = 1\n\
+             [[task]]\nname = \"io\"\nkind = \"io\"\npriority = \"high\"\nshare = 1\n",
+        )
+        .unwrap();
+        let target = troupe_loadtest::target::Target::new_http(
+            &urls,
+            None,
+            &mix,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(target.nodes().len(), 3);
+        let settings = troupe_loadtest::Settings {
+            mix: mix.clone(),
+            policy: troupe_loadtest::report::builtin_policy(),
+            policy_source: "built-in".into(),
+            plan: troupe_loadtest::run::Plan {
+                mode: troupe_loadtest::run::Mode::Open { rate: 300.0 },
+                warmup: Duration::ZERO,
+                duration: Duration::from_secs(2),
+                bus_rate: 0.0,
+                max_in_flight: 10_000,
+                drain: Duration::from_secs(20),
+                progress: troupe_loadtest::run::Progress::Quiet,
+            },
+        };
+        troupe_loadtest::run_once(std::sync::Arc::new(target), &settings).await
+    });
+    let t = &report.tasks.outcomes;
+    assert_eq!((t.offered, t.ok), (600, 600), "{t:?}");
+    assert_eq!(report.nodes.len(), 3);
+    for n in &report.nodes {
+        assert_eq!(n.outcomes.offered, 200, "round-robin: {}", n.url);
+        assert_eq!(n.outcomes.ok, 200);
+        assert!(n.latency.p50_ms > 0.0);
+    }
+    // The cluster recorded exactly what the load tester counted.
+    assert!(eventually(Duration::from_secs(10), || recorded(&nats)
+        .0
+        .len()
+        == 600));
+    let text = troupe_loadtest::report::render_text(&report);
+    assert!(text.contains("by node"), "{text}");
+}

@@ -48,6 +48,7 @@ impl Settings {
             mode,
             warmup: self.plan.warmup,
             target: target.describe(),
+            nodes: target.nodes(),
             policy: &self.policy,
             policy_source: self.policy_source.clone(),
             bus_rate: self.plan.bus_rate,

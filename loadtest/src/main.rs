@@ -31,8 +31,10 @@ const DEFAULT_POLICY: &str = "slo/policies.yaml";
     after_help = "Exit status: 0 when every objective is met, 1 when one failed, 2 on a usage or setup error."
 )]
 struct Args {
-    /// A running node to load (e.g. http://127.0.0.1:9464); without it, an embedded pool.
-    #[arg(long, value_name = "URL")]
+    /// A running node to load (e.g. http://127.0.0.1:9464), or the nodes of a cluster as a
+    /// comma-separated list (requests go to them in turn; the report shows each node's
+    /// share); without it, an embedded pool.
+    #[arg(long, value_name = "URL[,URL...]")]
     target: Option<String>,
     /// Bearer token for the node's API.
     #[arg(long)]

@@ -128,7 +128,13 @@ pub struct Sample {
     pub done_ns: u64,
     /// How it ended.
     pub class: Class,
+    /// Which of the target's nodes it went to (0 for an embedded pool or a single node;
+    /// [`NOT_SENT`] for a request this tool did not send).
+    pub node: u16,
 }
+
+/// [`Sample::node`] of a request that never left this tool (its own in-flight cap).
+pub const NOT_SENT: u16 = u16::MAX;
 
 /// Counts of outcomes, as reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -383,6 +389,10 @@ pub struct Measured {
     pub by_priority: Vec<Histogram<u64>>,
     /// Per mix entry.
     pub entry_latency: Vec<Histogram<u64>>,
+    /// Per node of the target, in the order given.
+    pub by_node: Vec<Outcomes>,
+    /// Latency per node of the target.
+    pub node_latency: Vec<Histogram<u64>>,
     /// Completions (not rejections) whose outcome arrived inside the measured window.
     pub completed_in_window: u64,
     /// Per second.
@@ -407,14 +417,18 @@ pub struct Recorder {
     refusal: Histogram<u64>,
     by_priority: Vec<Histogram<u64>>,
     entry_latency: Vec<Histogram<u64>>,
+    node_counts: Vec<Counts>,
+    node_latency: Vec<Histogram<u64>>,
     completed_in_window: u64,
     seconds: Vec<Second>,
 }
 
 impl Recorder {
-    /// A recorder for a mix whose entries have `priorities`, measuring `window`.
-    pub fn new(priorities: Vec<Priority>, window: Window) -> Self {
+    /// A recorder for a mix whose entries have `priorities`, against a target of `nodes`
+    /// nodes, measuring `window`.
+    pub fn new(priorities: Vec<Priority>, nodes: usize, window: Window) -> Self {
         let n = priorities.len();
+        let nodes = nodes.max(1);
         Recorder {
             window,
             priorities,
@@ -423,6 +437,8 @@ impl Recorder {
             refusal: latency_histogram(),
             by_priority: (0..Priority::COUNT).map(|_| latency_histogram()).collect(),
             entry_latency: (0..n).map(|_| latency_histogram()).collect(),
+            node_counts: vec![Counts::default(); nodes],
+            node_latency: (0..nodes).map(|_| latency_histogram()).collect(),
             completed_in_window: 0,
             seconds: Vec::new(),
         }
@@ -454,6 +470,14 @@ impl Recorder {
         }
         let i = s.entry as usize;
         self.counts[i].add(s.class);
+        let node = self
+            .node_counts
+            .get(s.node as usize)
+            .is_some()
+            .then_some(s.node as usize);
+        if let Some(n) = node {
+            self.node_counts[n].add(s.class);
+        }
         if let Class::Rejected(r) = s.class {
             if r != RejectReason::InFlightLimit {
                 let _ = self.refusal.record(latency_us);
@@ -464,6 +488,9 @@ impl Recorder {
             let _ = self.overall.record(latency_us);
             let _ = self.by_priority[self.priorities[i].index()].record(latency_us);
             let _ = self.entry_latency[i].record(latency_us);
+            if let Some(n) = node {
+                let _ = self.node_latency[n].record(latency_us);
+            }
         }
     }
 
@@ -531,6 +558,8 @@ impl Recorder {
             refusal: self.refusal,
             by_priority: self.by_priority,
             entry_latency: self.entry_latency,
+            by_node: self.node_counts.iter().map(Outcomes::from_counts).collect(),
+            node_latency: self.node_latency,
             completed_in_window: self.completed_in_window,
             timeline,
         }
@@ -552,6 +581,7 @@ mod tests {
             intended_ns: intended_ms * 1_000_000,
             done_ns: (intended_ms + latency_ms) * 1_000_000,
             class,
+            node: entry as u16 % 2,
         }
     }
 
@@ -561,7 +591,7 @@ mod tests {
             from_ns: 1_000_000_000,
             to_ns: 3_000_000_000,
         };
-        let mut r = Recorder::new(vec![Priority::High, Priority::Low], window);
+        let mut r = Recorder::new(vec![Priority::High, Priority::Low], 2, window);
         r.record(&sample(0, 500, 5, Class::Ok)); // warm-up
         r.record(&sample(0, 1500, 5, Class::Ok));
         r.record(&sample(1, 1600, 400, Class::Error));
@@ -585,5 +615,9 @@ mod tests {
         assert_eq!(m.completed_in_window, 2);
         assert!(m.timeline[0].warmup && !m.timeline[1].warmup);
         assert_eq!(m.timeline[1].t_s, 0.0);
+        // Entry 0 went to node 0, entry 1 to node 1 (see `sample`).
+        assert_eq!((m.by_node[0].offered, m.by_node[0].ok), (2, 2));
+        assert_eq!((m.by_node[1].error, m.by_node[1].rejected), (1, 1));
+        assert_eq!(m.node_latency[1].len(), 1);
     }
 }

@@ -109,6 +109,19 @@ pub struct LatencyReport {
     pub curves: Vec<Curve>,
 }
 
+/// One node's share of a run against several (a cluster, spread round-robin).
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeReport {
+    /// The node's URL.
+    pub url: String,
+    /// Counts of the requests sent to it.
+    pub outcomes: Outcomes,
+    /// Its completed tasks per second over the measured window.
+    pub completed_per_s: f64,
+    /// Latency of the tasks submitted to it (wherever they ran).
+    pub latency: Percentiles,
+}
+
 /// One mix entry's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct EntryReport {
@@ -251,6 +264,9 @@ pub struct Report {
     pub latency: LatencyReport,
     /// Per entry.
     pub entries: Vec<EntryReport>,
+    /// Per node, when the target is several nodes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeReport>,
     /// Bus traffic (zeros without any).
     pub bus: BusReport,
     /// Per second, warm-up included.
@@ -273,6 +289,8 @@ pub struct Context<'a> {
     pub warmup: Duration,
     /// `describe()` of the target.
     pub target: String,
+    /// The target's nodes (one name for an embedded pool or a single node).
+    pub nodes: Vec<String>,
     /// The policy and where it came from.
     pub policy: &'a Policy,
     /// Where the policy came from.
@@ -348,6 +366,20 @@ impl Report {
                 latency: Percentiles::of(h),
             })
             .collect();
+        let nodes = if ctx.nodes.len() > 1 {
+            ctx.nodes
+                .iter()
+                .zip(m.by_node.iter().zip(&m.node_latency))
+                .map(|(url, (o, h))| NodeReport {
+                    url: url.clone(),
+                    outcomes: o.clone(),
+                    completed_per_s: o.completed() as f64 / secs,
+                    latency: Percentiles::of(h),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let bus_offered_per_s = if ctx.mix.bus.is_some() {
             ctx.bus_rate
         } else {
@@ -391,6 +423,7 @@ impl Report {
             tasks,
             latency,
             entries,
+            nodes,
             bus,
             timeline: m.timeline.clone(),
             slo,
@@ -695,6 +728,22 @@ pub fn render_text(r: &Report) -> String {
         pct_row(&mut out, &label, &e.latency);
         if e.outcomes.ok != e.outcomes.offered {
             let _ = writeln!(out, "  {:<26} {}", "", outcome_line(&e.outcomes));
+        }
+    }
+    if !r.nodes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nby node (requests spread round-robin; latency of the tasks submitted there)"
+        );
+        for n in &r.nodes {
+            pct_row(&mut out, &n.url, &n.latency);
+            let _ = writeln!(
+                out,
+                "  {:<26} {:.0} completed/s  {}",
+                "",
+                n.completed_per_s,
+                outcome_line(&n.outcomes)
+            );
         }
     }
     if r.bus.offered > 0 {

@@ -108,7 +108,11 @@ pub async fn run(target: Arc<Target>, mix: &Mix, plan: &Plan) -> RunOutput {
         rt: tokio::runtime::Handle::current(),
     };
     let bus_counters = BusCounters::shared();
-    let recorder = Recorder::new(mix.entries.iter().map(|e| e.priority).collect(), window);
+    let recorder = Recorder::new(
+        mix.entries.iter().map(|e| e.priority).collect(),
+        target.nodes().len(),
+        window,
+    );
     let stop = CancellationToken::new();
     let recording = tokio::spawn(record_loop(
         rx,
@@ -166,7 +170,7 @@ pub async fn run(target: Arc<Target>, mix: &Mix, plan: &Plan) -> RunOutput {
                         let entry = picker.next_index();
                         let intended_ns = sink.now_ns();
                         sink.in_flight.fetch_add(1, Ordering::Relaxed);
-                        let class = target.call(entry).await;
+                        let (class, node) = target.call_at(entry).await;
                         sink.in_flight.fetch_sub(1, Ordering::Relaxed);
                         let done_ns = sink.now_ns();
                         let s = record::Sample {
@@ -174,6 +178,7 @@ pub async fn run(target: Arc<Target>, mix: &Mix, plan: &Plan) -> RunOutput {
                             intended_ns,
                             done_ns,
                             class,
+                            node,
                         };
                         let _ = sink.tx.send(s).await;
                     }

@@ -64,12 +64,13 @@ impl Sink {
             .as_nanos() as u64
     }
 
-    fn sample(&self, entry: usize, intended_ns: u64, class: Class) -> Sample {
+    fn sample(&self, entry: usize, intended_ns: u64, class: Class, node: u16) -> Sample {
         Sample {
             entry: entry as u32,
             intended_ns,
             done_ns: self.now_ns(),
             class,
+            node,
         }
     }
 
@@ -112,10 +113,13 @@ pub struct Embedded {
     agents: u32,
 }
 
-/// A node over HTTP.
+/// A node over HTTP, or several (a cluster): requests go to them in turn.
 pub struct Http {
     client: reqwest::Client,
-    base: String,
+    /// Base URLs.
+    nodes: Vec<String>,
+    /// The next request's node (round-robin).
+    next: AtomicUsize,
     token: Option<String>,
     bodies: Vec<Bytes>,
     topic_body: Option<Bytes>,
@@ -214,18 +218,32 @@ impl Target {
         })
     }
 
-    /// Load against the node at `base` (e.g. `http://127.0.0.1:9464`).
+    /// Load against the node at `base` (e.g. `http://127.0.0.1:9464`), or against several
+    /// nodes of a cluster given as a comma-separated list: requests are spread over them
+    /// round-robin and the report shows each node's share.
     pub async fn new_http(
         base: &str,
         token: Option<String>,
         mix: &Mix,
         request_timeout: Duration,
     ) -> Result<Self, TargetError> {
-        let base = base.trim_end_matches('/').to_owned();
-        let node_err = |reason: String| TargetError::Node {
-            url: base.clone(),
-            reason,
-        };
+        let nodes: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if nodes.is_empty() {
+            return Err(TargetError::Node {
+                url: base.to_owned(),
+                reason: "no node URL given".into(),
+            });
+        }
+        if nodes.len() > usize::from(u16::MAX) {
+            return Err(TargetError::Node {
+                url: base.to_owned(),
+                reason: format!("{} nodes; at most {}", nodes.len(), u16::MAX),
+            });
+        }
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(4096)
             .tcp_nodelay(true)
@@ -233,28 +251,15 @@ impl Target {
             // request ends as `error` rather than hanging the run.
             .timeout(request_timeout + Duration::from_secs(5))
             .build()
-            .map_err(|e| node_err(e.to_string()))?;
-        let mut req = client.get(format!("{base}/v1/agents"));
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
+            .map_err(|e| TargetError::Node {
+                url: base.to_owned(),
+                reason: e.to_string(),
+            })?;
+        // Direct bus messages address agent ids every node has: the smallest pool's.
+        let mut agents = u32::MAX;
+        for node in &nodes {
+            agents = agents.min(agents_of(&client, node, token.as_deref()).await?);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| node_err(format!("GET /v1/agents failed: {e}")))?;
-        let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| node_err(format!("GET /v1/agents: {e}")))?;
-        if !status.is_success() {
-            return Err(node_err(format!(
-                "GET /v1/agents answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            )));
-        }
-        let agents: AgentsReply = serde_json::from_slice(&body)
-            .map_err(|e| node_err(format!("GET /v1/agents: unexpected body: {e}")))?;
         let bodies = mix
             .entries
             .iter()
@@ -280,7 +285,8 @@ impl Target {
         });
         Ok(Target::Http(Http {
             client,
-            base,
+            nodes,
+            next: AtomicUsize::new(0),
             token,
             bodies,
             topic_body,
@@ -289,16 +295,24 @@ impl Target {
                 .as_ref()
                 .map(|b| String::from_utf8_lossy(&b.payload).into_owned())
                 .unwrap_or_default(),
-            agents: agents.agents,
+            agents,
             first_transport_error: std::sync::OnceLock::new(),
         }))
     }
 
-    /// "embedded" or the node's URL.
+    /// "embedded" or the node's URL (the nodes' URLs, comma-separated).
     pub fn describe(&self) -> String {
         match self {
             Target::Embedded(e) => format!("embedded {}-agent pool", e.agents),
-            Target::Http(h) => h.base.clone(),
+            Target::Http(h) => h.nodes.join(", "),
+        }
+    }
+
+    /// The nodes requests go to, in order (one name for an embedded pool).
+    pub fn nodes(&self) -> Vec<String> {
+        match self {
+            Target::Embedded(_) => vec!["embedded".to_owned()],
+            Target::Http(h) => h.nodes.clone(),
         }
     }
 
@@ -342,12 +356,21 @@ impl Target {
 
     /// Sends entry `entry`'s request and waits for how it ends.
     pub async fn call(&self, entry: usize) -> Class {
+        self.call_at(entry).await.0
+    }
+
+    /// Sends entry `entry`'s request (to the next node in turn) and waits for how it ends;
+    /// with the node's index.
+    pub async fn call_at(&self, entry: usize) -> (Class, u16) {
         match self {
             Target::Embedded(e) => match e.runtime.try_submit(e.task(entry)) {
-                Ok(handle) => Class::of(handle.await.kind()),
-                Err(r) => class_of_submit_error(&r.error),
+                Ok(handle) => (Class::of(handle.await.kind()), 0),
+                Err(r) => (class_of_submit_error(&r.error), 0),
             },
-            Target::Http(h) => h.call(entry).await,
+            Target::Http(h) => {
+                let node = h.pick();
+                (h.call(entry, node).await, node as u16)
+            }
         }
     }
 
@@ -359,6 +382,7 @@ impl Target {
                 entry,
                 intended_ns,
                 Class::Rejected(RejectReason::InFlightLimit),
+                crate::record::NOT_SENT,
             ));
             return;
         }
@@ -370,13 +394,17 @@ impl Target {
                     sink.rt.spawn(async move {
                         let class = Class::of(handle.await.kind());
                         sink2.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        let _ = sink2.tx.send(sink2.sample(entry, intended_ns, class)).await;
+                        let _ = sink2
+                            .tx
+                            .send(sink2.sample(entry, intended_ns, class, 0))
+                            .await;
                     });
                 }
                 Err(r) => sink.record_blocking(sink.sample(
                     entry,
                     intended_ns,
                     class_of_submit_error(&r.error),
+                    0,
                 )),
             },
             Target::Http(_) => {
@@ -384,9 +412,12 @@ impl Target {
                 let sink2 = sink.clone();
                 let me = self.clone();
                 sink.rt.spawn(async move {
-                    let class = me.call(entry).await;
+                    let (class, node) = me.call_at(entry).await;
                     sink2.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    let _ = sink2.tx.send(sink2.sample(entry, intended_ns, class)).await;
+                    let _ = sink2
+                        .tx
+                        .send(sink2.sample(entry, intended_ns, class, node))
+                        .await;
                 });
             }
         }
@@ -498,11 +529,50 @@ struct ErrorReply {
     error: String,
 }
 
+/// `GET /v1/agents` of the node at `base`: how many agents it has.
+async fn agents_of(
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+) -> Result<u32, TargetError> {
+    let node_err = |reason: String| TargetError::Node {
+        url: base.to_owned(),
+        reason,
+    };
+    let mut req = client.get(format!("{base}/v1/agents"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| node_err(format!("GET /v1/agents failed: {e}")))?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| node_err(format!("GET /v1/agents: {e}")))?;
+    if !status.is_success() {
+        return Err(node_err(format!(
+            "GET /v1/agents answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    let agents: AgentsReply = serde_json::from_slice(&body)
+        .map_err(|e| node_err(format!("GET /v1/agents: unexpected body: {e}")))?;
+    Ok(agents.agents)
+}
+
 impl Http {
-    fn post(&self, path: &str, body: Bytes) -> reqwest::RequestBuilder {
+    /// The next node in turn.
+    fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len()
+    }
+
+    fn post(&self, node: usize, path: &str, body: Bytes) -> reqwest::RequestBuilder {
         let mut req = self
             .client
-            .post(format!("{}{path}", self.base))
+            .post(format!("{}{path}", self.nodes[node]))
             .header("content-type", "application/json")
             .body(body);
         if let Some(t) = &self.token {
@@ -511,9 +581,9 @@ impl Http {
         req
     }
 
-    async fn call(&self, entry: usize) -> Class {
+    async fn call(&self, entry: usize, node: usize) -> Class {
         let resp = match self
-            .post("/v1/tasks?wait=true", self.bodies[entry].clone())
+            .post(node, "/v1/tasks?wait=true", self.bodies[entry].clone())
             .send()
             .await
         {
@@ -555,7 +625,7 @@ impl Http {
 
     async fn refusal(&self, entry: usize) -> String {
         match self
-            .post("/v1/tasks?wait=true", self.bodies[entry].clone())
+            .post(0, "/v1/tasks?wait=true", self.bodies[entry].clone())
             .send()
             .await
         {
@@ -584,7 +654,7 @@ impl Http {
         }
         let mut req = self
             .client
-            .post(format!("{}/v1/messages/batch", self.base))
+            .post(format!("{}/v1/messages/batch", self.nodes[self.pick()]))
             .header("content-type", "application/x-ndjson")
             .body(body);
         if let Some(t) = &self.token {
@@ -642,7 +712,7 @@ impl Http {
             delivered: u64,
             dropped: u64,
         }
-        let Ok(resp) = self.post("/v1/messages", body).send().await else {
+        let Ok(resp) = self.post(self.pick(), "/v1/messages", body).send().await else {
             return BusResult::Failed;
         };
         if resp.status().as_u16() == 429 {

@@ -980,15 +980,12 @@ impl Bus {
     fn pick_least_loaded(&self, agents: &mut Vec<u32>, n: usize) {
         let start = self.core.rotation.fetch_add(n, Ordering::Relaxed) % agents.len();
         agents.rotate_left(start);
-        let load = |a: u32| {
+        least_loaded(agents, n, |a: u32| {
             self.core
                 .mailboxes
                 .get(a as usize)
                 .map_or(usize::MAX, |m| m.bound.len())
-        };
-        // Stable: among equally loaded agents the rotation order decides.
-        agents.sort_by_key(|&a| load(a));
-        agents.truncate(n);
+        });
     }
 
     fn check_agent(&self, agent: AgentId) -> Result<(), BusError> {
@@ -1131,6 +1128,15 @@ impl Bus {
     }
 }
 
+/// Keeps the `n` of `agents` with the lowest `load`, in order. Each agent's load is read
+/// once: mailboxes fill and drain while the sort runs, and a key that changes between
+/// comparisons is not a total order (the standard sort may panic on one). Stable, so among
+/// equally loaded agents the given order decides.
+fn least_loaded(agents: &mut Vec<u32>, n: usize, load: impl Fn(u32) -> usize) {
+    agents.sort_by_cached_key(|&a| load(a));
+    agents.truncate(n);
+}
+
 /// An address on another node; see [`Bus::remote`].
 #[derive(Clone, Copy)]
 pub struct Remote<'a> {
@@ -1205,5 +1211,28 @@ impl Remote<'_> {
                 fut.instrument(span).await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::least_loaded;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn the_least_loaded_pick_reads_each_load_once_and_keeps_the_given_order_on_ties() {
+        // Under traffic every read of a mailbox may see another length; read per comparison,
+        // the sort sees no total order (and the standard sort may panic on that).
+        let reads = AtomicUsize::new(0);
+        let mut agents: Vec<u32> = (0..200).collect();
+        least_loaded(&mut agents, 5, |a| {
+            let r = reads.fetch_add(1, Ordering::Relaxed);
+            (a as usize * 7919 + r * 104_729) % 13
+        });
+        assert_eq!(reads.load(Ordering::Relaxed), 200);
+        assert_eq!(agents.len(), 5);
+        let mut agents: Vec<u32> = (0..50).collect();
+        least_loaded(&mut agents, 4, |a| (a % 10) as usize);
+        assert_eq!(agents, [0, 10, 20, 30]);
     }
 }

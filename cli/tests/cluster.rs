@@ -198,6 +198,41 @@ fn a_node_killed_mid_load_loses_no_accepted_task() {
 }
 
 #[test]
+fn a_deadline_counts_from_acceptance_across_a_redelivery() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(nats) = nats::start(d.path()) else {
+        return;
+    };
+    // The only node takes three 5 s io tasks with a 1.5 s deadline, and dies running them.
+    let mut c = nats::node(d.path(), &nats, "c", &pool(2, 5000), "");
+    let ids = submit(
+        &[&c],
+        3,
+        &json!({ "kind": "io", "payload": "p", "timeout_ms": 1500 }),
+    );
+    assert!(eventually(Duration::from_secs(5), || {
+        c.get("/health/ready").json()["outstanding"] == 3
+    }));
+    c.child.kill().unwrap();
+    let _ = c.child.wait();
+    // The redelivery (after the 2 s ack wait) reaches a fast node past the deadline: the task
+    // is answered `timeout` there, on its second delivery, not run again with a fresh clock.
+    let survivor = nats::node(d.path(), &nats, "d", &pool(2, 10), "");
+    assert!(eventually(Duration::from_secs(30), || {
+        recorded(&nats).0.len() >= ids.len()
+    }));
+    let (outcomes, once) = recorded(&nats);
+    assert!(once);
+    for id in &ids {
+        let o = &outcomes[id];
+        assert_eq!(o["outcome"], "timeout", "{o}");
+        assert_eq!(o["node"], "d", "{o}");
+        assert_eq!(o["attempts"], 2, "{o}");
+    }
+    assert!(metric(&survivor, "troupe_cluster_redeliveries_total") >= 3.0);
+}
+
+#[test]
 fn a_slow_node_is_given_less_work_than_a_fast_one() {
     let d = tempfile::tempdir().unwrap();
     let Some(nats) = nats::start(d.path()) else {

@@ -32,7 +32,8 @@ pub struct ClusterConfig {
     /// ends `error` with the reason.
     pub max_attempts: u32,
     /// Most tasks of one capability a node holds at once (pulled, not yet finished), across
-    /// priorities; a node also never holds more than twice the agents serving the capability.
+    /// priorities; a node also never holds more than twice the agents serving the capability
+    /// (or 32, for a capability of few agents, so they do not idle on the pull round trip).
     /// This bound on outstanding acknowledgements is what carries backpressure across
     /// machines: a busy node stops asking, and the stream keeps the work for the others.
     pub pull_in_flight: usize,

@@ -45,6 +45,11 @@ use crate::wire::{self, NodeRecord, OutcomeRecord, TaskEnvelope};
 /// tasks of that priority are refused.
 const BACKLOG_SHARE: [f64; Priority::COUNT] = [1.0, 0.9, 0.8, 0.7, 0.6];
 
+/// The least a node may hold of one capability (below `pull_in_flight`), however few agents
+/// serve it: a task's next pull costs a NATS round trip, so a capability with few fast agents
+/// bounded at twice its agents would idle them waiting on the network.
+const PULL_FLOOR: usize = 32;
+
 /// A task to submit to the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterTask {
@@ -354,7 +359,7 @@ impl Cluster {
             // Enough for every agent of the capability to have its next task here, no more:
             // what this node cannot start soon stays in the stream for the others.
             let agents = runtime.agents_with(&capability).len();
-            let gate = Gate::new(self.config.pull_in_flight.min(2 * agents));
+            let gate = Gate::new(self.config.pull_in_flight.min((2 * agents).max(PULL_FLOOR)));
             for priority in Priority::ALL {
                 let consumer = self.consumer(priority, &capability).await?;
                 let source = JsSource::new(self.clone(), consumer, priority, gate.clone());
@@ -1110,6 +1115,7 @@ impl JsSource {
             detail,
             node: c.config.node.clone(),
             attempts,
+            at_ms: wire::now_ms(),
         };
         let envelope: TaskEnvelope = match wire::decode(&msg.payload) {
             Ok(e) => e,
@@ -1141,7 +1147,8 @@ impl JsSource {
         }
         let mut task = Task::new(envelope.target, Bytes::from(envelope.payload))
             .priority(envelope.priority)
-            .parent(envelope.trace);
+            .parent(envelope.trace)
+            .key(id);
         if envelope.timeout_ms > 0 {
             let deadline = envelope.accepted_at_ms + envelope.timeout_ms;
             let left = deadline.saturating_sub(wire::now_ms());
@@ -1241,6 +1248,7 @@ impl TaskSource for JsSource {
             detail,
             node: self.cluster.config.node.clone(),
             attempts: r.attempts,
+            at_ms: wire::now_ms(),
         };
         self.cluster
             .record(&r.msg, record, r.notify.as_deref())

@@ -103,6 +103,9 @@ pub struct OutcomeRecord {
     pub node: String,
     /// Deliveries it took (more than 1: a node died while running it).
     pub attempts: u64,
+    /// Unix time it was recorded, ms (0 in records written before this field existed).
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// A node's heartbeat record.

@@ -25,6 +25,15 @@ impl Agent for Upper {
     }
 }
 
+/// Answers with the key its task carries: the cluster's id for the task.
+struct Key;
+
+impl Agent for Key {
+    async fn handle(&mut self, task: TaskRequest, _: &AgentContext) -> Result<Bytes, TaskError> {
+        Ok(Bytes::from(format!("{:?}", task.key)))
+    }
+}
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -71,13 +80,15 @@ async fn join(url: &str, node: &str, kind: &'static str) -> (Runtime, std::sync:
         ..ClusterConfig::default()
     };
     let cluster = Cluster::connect(config).await.unwrap();
-    let runtime =
-        Runtime::builder(RuntimeConfig::default().tier(TierConfig::new("t").agents(kind, 2)))
-            .register(kind, |_: &AgentSpec| Upper)
-            .bus_bridge(cluster.bridge())
-            .start()
-            .await
-            .unwrap();
+    let runtime = Runtime::builder(
+        RuntimeConfig::default().tier(TierConfig::new("t").agents(kind, 2).agents("key", 1)),
+    )
+    .register(kind, |_: &AgentSpec| Upper)
+    .register("key", |_: &AgentSpec| Key)
+    .bus_bridge(cluster.bridge())
+    .start()
+    .await
+    .unwrap();
     cluster.join(runtime.handle(), None).await.unwrap();
     (runtime, cluster)
 }
@@ -109,6 +120,17 @@ async fn an_embedded_clustered_runtime_submits_anywhere_and_talks_across() {
         b.status(accepted.id).await.unwrap(),
         TaskStatus::Done(_)
     ));
+    // The handler sees the cluster's id as the task's key (what it keys side effects by).
+    let keyed = a
+        .submit(ClusterTask::new("key", "").waited())
+        .await
+        .unwrap();
+    let record = a
+        .wait(keyed.id, Duration::from_secs(10), true)
+        .await
+        .unwrap()
+        .expect("an outcome");
+    assert_eq!(record.detail, Some(format!("Some({})", keyed.id)));
     // a's bus asks an agent of b.
     let reply = rt_a
         .bus()

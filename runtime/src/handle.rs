@@ -253,6 +253,7 @@ impl Core {
             retry: task.retry,
             attempt: 1,
             parent: task.parent,
+            key: task.key,
             submitted_at: now,
             enqueued_at: now,
             group,
@@ -271,7 +272,7 @@ impl Core {
                         id,
                         task.payload,
                         timeout,
-                        Responder::Task(queued),
+                        Responder::Task(Box::new(queued)),
                     );
                 }
                 None => {

@@ -131,6 +131,7 @@ pub struct Task {
     pub(crate) retry: RetryPolicy,
     pub(crate) sandboxed: bool,
     pub(crate) parent: TraceContext,
+    pub(crate) key: Option<u64>,
 }
 
 impl Task {
@@ -146,7 +147,18 @@ impl Task {
             retry: RetryPolicy::NONE,
             sandboxed: false,
             parent: TraceContext::default(),
+            key: None,
         }
+    }
+
+    /// Gives the task a key its handler sees as [`TaskRequest::key`]: the id a layer above
+    /// the runtime knows it by. A clustered node sets the cluster's task id, which stays the
+    /// same on every delivery and every node, while [`TaskRequest::id`] is this runtime's own
+    /// and differs after a redelivery; so an agent with side effects keys them by `key` to make
+    /// a repeated execution harmless.
+    pub fn key(mut self, key: u64) -> Self {
+        self.key = Some(key);
+        self
     }
 
     /// Makes the task's `troupe.task` span a child of `parent`: the span of whoever submitted
@@ -234,6 +246,10 @@ pub struct TaskRequest {
     pub payload: Bytes,
     /// Which attempt this is, from 1.
     pub attempt: u32,
+    /// The key the submitter gave the task ([`Task::key`]): on a clustered node, the cluster's
+    /// task id, the same on every delivery. `None` when none was given, and on process
+    /// sandbox lanes (a worker process sees only its job).
+    pub key: Option<u64>,
 }
 
 /// An error returned by a handler. It becomes outcome `error` (after retries).
@@ -435,6 +451,8 @@ pub(crate) struct QueuedTask {
     pub(crate) attempt: u32,
     /// The submitter's trace, for the task's span to join.
     pub(crate) parent: TraceContext,
+    /// The submitter's key ([`Task::key`]).
+    pub(crate) key: Option<u64>,
     pub(crate) submitted_at: Instant,
     pub(crate) enqueued_at: Instant,
     /// Index of the work group it was queued on (retries go back there).

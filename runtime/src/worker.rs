@@ -227,6 +227,7 @@ async fn run_task<A: Agent>(
         priority: p,
         payload: task.payload.clone(),
         attempt: task.attempt,
+        key: task.key,
     };
     // Publish the deadline and the task so the liveness watchdog can answer it if this thread
     // gets stuck in a handler that never yields.

@@ -190,3 +190,26 @@ async fn room_is_the_free_part_of_a_priority_queue() {
     drop((running, queued));
     rt.shutdown_with(Duration::ZERO).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_key_reaches_the_handler_on_every_attempt() {
+    // What a layer above keys side effects by (the cluster's id for the task): unlike the
+    // runtime's own TaskId it is the submitter's, and a retry carries it too.
+    let rt = scripted(RuntimeConfig::default().tier(TierConfig::new("t").agents("w", 1)))
+        .start()
+        .await
+        .unwrap();
+    let keyed = Task::new("w", "key")
+        .key(7)
+        .retry(RetryPolicy::attempts(2, Duration::from_millis(1)));
+    assert_eq!(
+        rt.try_submit(keyed).unwrap().await,
+        Outcome::Ok(troupe::Bytes::from("Some(7)"))
+    );
+    let unkeyed = Task::new("w", "key").retry(RetryPolicy::attempts(2, Duration::from_millis(1)));
+    assert_eq!(
+        rt.try_submit(unkeyed).unwrap().await,
+        Outcome::Ok(troupe::Bytes::from("None"))
+    );
+    rt.shutdown().await;
+}

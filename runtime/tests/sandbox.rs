@@ -56,6 +56,7 @@ impl Agent for Judge {
             }
             "fail" if me => Err(TaskError::new(format!("lane {lane} failed"))),
             "differ" => Ok(Bytes::from(lane.to_owned())),
+            "key" => Ok(Bytes::from(format!("{:?}", task.key))),
             "case" if me => Ok(Bytes::from("ANSWER")),
             _ => Ok(Bytes::from("answer")),
         }
@@ -306,5 +307,16 @@ async fn a_sandboxed_task_can_be_submitted_from_a_thread_outside_tokio() {
     .expect("the submitting thread does not panic");
     let outcome = submitted.expect("accepted").await;
     assert_eq!(outcome, Outcome::Ok(Bytes::from("answer")));
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_thread_lane_sees_the_task_key() {
+    let rt = start_with(None).await;
+    let out = rt
+        .try_submit(Task::new("judge", "key").sandboxed().key(42))
+        .unwrap()
+        .await;
+    assert_eq!(out, Outcome::Ok(Bytes::from("Some(42)")));
     rt.shutdown().await;
 }

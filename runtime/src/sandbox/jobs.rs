@@ -22,6 +22,8 @@ pub(crate) struct Job {
     pub(crate) task: TaskId,
     pub(crate) priority: Priority,
     pub(crate) payload: Bytes,
+    /// The task's [`Task::key`](crate::Task::key), for thread lanes.
+    pub(crate) key: Option<u64>,
     pub(crate) timeout: Duration,
     pub(crate) reply: oneshot::Sender<LaneResult>,
     /// Shared with the unifier: whoever moves it first decides whether the job runs.
@@ -65,6 +67,7 @@ impl Job {
             priority: self.priority,
             payload: self.payload,
             attempt: 1,
+            key: self.key,
         };
         (request, self.timeout, self.reply)
     }

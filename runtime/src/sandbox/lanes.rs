@@ -467,7 +467,9 @@ async fn run_lane(sb: Arc<Sandbox>, lane: Lane, generation: Arc<AtomicU64>, my_g
 /// Where a sandboxed run's answer goes.
 pub(crate) enum Responder {
     /// A task submitted with `try_submit` / `submit`: answers its handle with an `Outcome`.
-    Task(QueuedTask),
+    /// Boxed: a queued task is several times the size of the other variant, and a sandboxed
+    /// task already allocates per lane.
+    Task(Box<QueuedTask>),
     /// `run_sandboxed`: answers with a `Verdict` or a `SandboxError`.
     Direct {
         id: TaskId,
@@ -485,6 +487,13 @@ impl Responder {
         }
     }
 
+    fn key(&self) -> Option<u64> {
+        match self {
+            Responder::Task(t) => t.key,
+            Responder::Direct { .. } => None,
+        }
+    }
+
     fn answer(self, sb: &Sandbox, answer: Result<Verdict, SandboxError>) {
         sb.admission.release(self.priority());
         match self {
@@ -494,7 +503,7 @@ impl Responder {
                     Err(SandboxError::Cancelled) => Outcome::Cancelled,
                     Err(e) => Outcome::Error(TaskError::new(e.to_string())),
                 };
-                sb.ledger.finish(task, outcome);
+                sb.ledger.finish(*task, outcome);
             }
             Responder::Direct {
                 id,
@@ -527,6 +536,7 @@ impl Sandbox {
         responder: Responder,
     ) {
         let priority = responder.priority();
+        let key = responder.key();
         let mut receivers: [Option<oneshot::Receiver<LaneResult>>; 3] = [None, None, None];
         let mut immediate: Vec<(Lane, LaneResult)> = Vec::new();
         let mut states: [Option<Arc<JobState>>; 3] = [None, None, None];
@@ -552,6 +562,7 @@ impl Sandbox {
                 task: id,
                 priority,
                 payload: payload.clone(),
+                key,
                 timeout,
                 reply: tx,
                 state: state.clone(),

@@ -95,6 +95,7 @@ where
                     task: TaskId(run.job),
                     priority: Priority::Normal,
                     payload: run.payload,
+                    key: None,
                     timeout: Duration::from_millis(run.timeout_ms),
                     reply,
                     state: Default::default(),

@@ -46,6 +46,9 @@ impl Agent for Scripted {
                 Ok(p)
             }
             b"who" => Ok(Bytes::from(ctx.id().to_string())),
+            // The submitter's key, failing the first attempt (so a retry shows it kept).
+            b"key" if task.attempt == 1 => Err(TaskError::new("first attempt fails")),
+            b"key" => Ok(Bytes::from(format!("{:?}", task.key))),
             other if other.starts_with(b"sleep:") => {
                 let ms: u64 = std::str::from_utf8(&other[6..]).unwrap().parse().unwrap();
                 tokio::time::sleep(Duration::from_millis(ms)).await;

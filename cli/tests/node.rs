@@ -539,6 +539,30 @@ fn the_readme_node_config_is_valid() {
 }
 
 #[test]
+fn the_readme_cluster_config_is_valid() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("```toml\n[cluster]")
+        .expect("README has a cluster config")
+        + "```toml\n".len();
+    let len = readme[start..].find("```").unwrap();
+    let d = dir();
+    let path = d.path().join("cluster.toml");
+    std::fs::write(&path, &readme[start..start + len]).unwrap();
+    let out = Command::new(TROUPE)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn past_its_load_limit_the_node_sheds_with_429_overloaded_lowest_priority_first() {
     let d = dir();
     // A bound of 20 tasks in flight: background may hold 12, normal 18, critical is never shed.

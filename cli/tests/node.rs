@@ -512,20 +512,18 @@ fn pool_and_check_validate_and_report() {
     }
 }
 
-#[test]
-fn the_readme_node_config_is_valid() {
+/// The README's TOML block that starts with `first_line`, after `fix`, passes `troupe check`.
+fn readme_block_checks(first_line: &str, fix: impl Fn(&str) -> String) {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     let start = readme
-        .find("```toml\ncatalog =")
-        .expect("README has a node config")
+        .find(&format!("```toml\n{first_line}"))
+        .unwrap_or_else(|| panic!("README has a block starting {first_line}"))
         + "```toml\n".len();
     let len = readme[start..].find("```").unwrap();
-    let pool = concat!(env!("CARGO_MANIFEST_DIR"), "/../agents/pool.toml");
-    let text = readme[start..start + len].replace("\"agents/pool.toml\"", &format!("{pool:?}"));
     let d = dir();
     let path = d.path().join("readme.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, fix(&readme[start..start + len])).unwrap();
     let out = Command::new(TROUPE)
         .args(["check", "--config"])
         .arg(&path)
@@ -539,27 +537,16 @@ fn the_readme_node_config_is_valid() {
 }
 
 #[test]
+fn the_readme_node_config_is_valid() {
+    let pool = concat!(env!("CARGO_MANIFEST_DIR"), "/../agents/pool.toml");
+    readme_block_checks("catalog =", |text| {
+        text.replace("\"agents/pool.toml\"", &format!("{pool:?}"))
+    });
+}
+
+#[test]
 fn the_readme_cluster_config_is_valid() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme
-        .find("```toml\n[cluster]")
-        .expect("README has a cluster config")
-        + "```toml\n".len();
-    let len = readme[start..].find("```").unwrap();
-    let d = dir();
-    let path = d.path().join("cluster.toml");
-    std::fs::write(&path, &readme[start..start + len]).unwrap();
-    let out = Command::new(TROUPE)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    readme_block_checks("[cluster]", str::to_owned);
 }
 
 #[test]

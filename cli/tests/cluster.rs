@@ -375,7 +375,7 @@ fn nats_killed_and_restarted_mid_run_loses_no_accepted_task() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"], "cluster_unavailable");
     std::thread::sleep(Duration::from_millis(500));
-    nats.restart();
+    nats.restart().expect("nats-server restarts");
     // They reconnect on their own and are ready again.
     assert!(eventually(Duration::from_secs(30), || {
         a.get("/health/ready").status == 200 && b.get("/health/ready").status == 200

@@ -17,8 +17,8 @@
 //! * **Accepted means stored**: [`Cluster::submit`] returns once JetStream has the task.
 //! * **Executions may repeat** after a crash: a node that dies while running a task never
 //!   acknowledges it, and after `ack_wait` another node runs it again (at least once). An agent
-//!   with side effects should make them idempotent — key them by the task id, or check before
-//!   acting.
+//!   with side effects should make them idempotent — key them by `TaskRequest::key` (the
+//!   cluster's task id, the same on every delivery), or check before acting.
 //! * **Outcomes are recorded once**: the first outcome written for a task id is the one kept
 //!   and the one every node reports.
 //! * **Ordering is by priority only**: within a priority, tasks start roughly in acceptance
@@ -37,6 +37,7 @@ mod error;
 mod metrics;
 mod names;
 mod node;
+pub mod testing;
 mod wire;
 
 pub use bus::NatsBridge;

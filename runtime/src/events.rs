@@ -45,6 +45,9 @@ pub struct TaskEvent {
     pub priority: Priority,
     /// When it happened.
     pub at: Instant,
+    /// The submitter's key for the task ([`Task::key`](crate::Task::key)): how a layer above
+    /// tells its own tasks from the others without a lookup per task.
+    pub key: Option<u64>,
     /// What happened.
     pub kind: TaskEventKind,
 }

@@ -242,7 +242,7 @@ impl Core {
         let now = Instant::now();
         let id = next_task_id();
         let (tx, rx) = oneshot::channel();
-        self.parts.ledger.accepted(id, p);
+        self.parts.ledger.accepted(id, p, task.key);
         let deadline = self.deadline_of(&task, now);
         let queued = QueuedTask {
             id,
@@ -452,7 +452,7 @@ impl RuntimeHandle {
                 }
             };
             let id = next_task_id();
-            c.parts.ledger.accepted(id, priority);
+            c.parts.ledger.accepted(id, priority, task.key);
             let (reply, answer) = oneshot::channel();
             let deadline = c.deadline_of(&task, Instant::now());
             let timeout = c.parts.sandbox.lane_timeout(task.attempt_timeout, deadline);
@@ -465,6 +465,7 @@ impl RuntimeHandle {
                     id,
                     priority,
                     submitted_at: Instant::now(),
+                    key: task.key,
                     reply,
                 },
             );

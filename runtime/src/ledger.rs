@@ -121,7 +121,7 @@ impl Ledger {
     }
 
     #[inline]
-    fn emit(&self, task: TaskId, priority: Priority, kind: TaskEventKind) {
+    fn emit(&self, task: TaskId, priority: Priority, key: Option<u64>, kind: TaskEventKind) {
         if self.observers.is_empty() {
             return;
         }
@@ -129,6 +129,7 @@ impl Ledger {
             task,
             priority,
             at: Instant::now(),
+            key,
             kind,
         };
         for o in self.observers.iter() {
@@ -138,9 +139,9 @@ impl Ledger {
 
     /// Counts an accepted task.
     #[inline]
-    pub(crate) fn accepted(&self, task: TaskId, priority: Priority) {
+    pub(crate) fn accepted(&self, task: TaskId, priority: Priority, key: Option<u64>) {
         self.submitted[priority].increment(1);
-        self.emit(task, priority, TaskEventKind::Accepted);
+        self.emit(task, priority, key, TaskEventKind::Accepted);
     }
 
     /// Counts a refused submission.
@@ -155,6 +156,7 @@ impl Ledger {
         self.emit(
             task.id,
             task.priority,
+            task.key,
             TaskEventKind::Started {
                 agent,
                 attempt: task.attempt,
@@ -185,7 +187,12 @@ impl Ledger {
         let kind = outcome.kind();
         self.completed[p][kind.index()].increment(1);
         self.latency[p].record(elapsed_ns(task.submitted_at));
-        self.emit(task.id, p, TaskEventKind::Finished { outcome: kind });
+        self.emit(
+            task.id,
+            p,
+            task.key,
+            TaskEventKind::Finished { outcome: kind },
+        );
         task.completion.send(outcome);
     }
 
@@ -196,10 +203,11 @@ impl Ledger {
         priority: Priority,
         outcome: OutcomeKind,
         submitted_at: Instant,
+        key: Option<u64>,
     ) {
         self.completed[priority][outcome.index()].increment(1);
         self.latency[priority].record(elapsed_ns(submitted_at));
-        self.emit(task, priority, TaskEventKind::Finished { outcome });
+        self.emit(task, priority, key, TaskEventKind::Finished { outcome });
     }
 
     /// Tasks accepted at `p`.

@@ -213,3 +213,22 @@ async fn a_task_key_reaches_the_handler_on_every_attempt() {
     );
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_see_the_task_key_on_every_event() {
+    type Seen = Arc<Mutex<Vec<(Option<u64>, TaskEventKind)>>>;
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let rt = scripted(RuntimeConfig::default().tier(TierConfig::new("t").agents("w", 1)))
+        .observe(move |e: &TaskEvent| s.lock().unwrap().push((e.key, e.kind)))
+        .start()
+        .await
+        .unwrap();
+    rt.try_submit(Task::new("w", "x").key(9)).unwrap().await;
+    rt.try_submit(Task::new("w", "y")).unwrap().await;
+    rt.shutdown().await;
+    let seen = seen.lock().unwrap();
+    let keyed: Vec<_> = seen.iter().filter(|(k, _)| *k == Some(9)).collect();
+    assert_eq!(keyed.len(), 3, "accepted, started, finished: {seen:?}");
+    assert_eq!(seen.iter().filter(|(k, _)| k.is_none()).count(), 3);
+}

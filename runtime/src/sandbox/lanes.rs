@@ -475,6 +475,7 @@ pub(crate) enum Responder {
         id: TaskId,
         priority: Priority,
         submitted_at: Instant,
+        key: Option<u64>,
         reply: oneshot::Sender<Result<Verdict, SandboxError>>,
     },
 }
@@ -490,7 +491,7 @@ impl Responder {
     fn key(&self) -> Option<u64> {
         match self {
             Responder::Task(t) => t.key,
-            Responder::Direct { .. } => None,
+            Responder::Direct { key, .. } => *key,
         }
     }
 
@@ -509,6 +510,7 @@ impl Responder {
                 id,
                 priority,
                 submitted_at,
+                key,
                 reply,
             } => {
                 // Counted like a task, so the outcome counters and latency cover every run.
@@ -517,7 +519,8 @@ impl Responder {
                     Err(SandboxError::Cancelled) => OutcomeKind::Cancelled,
                     Err(_) => OutcomeKind::Error,
                 };
-                sb.ledger.finish_direct(id, priority, kind, submitted_at);
+                sb.ledger
+                    .finish_direct(id, priority, kind, submitted_at, key);
                 let _ = reply.send(answer);
             }
         }

@@ -209,6 +209,46 @@ pub struct NodeConfig {
     pub threads: ThreadsConfig,
     /// Joins a cluster over NATS JetStream (README "Run a cluster"); a single node without it.
     pub cluster: Option<troupe_cluster::ClusterConfig>,
+    /// Runs workflows (README "Workflows") with a durable history; off without it.
+    pub workflows: Option<WorkflowsConfig>,
+}
+
+/// `[workflows]`: the engine's history and the definitions registered at start.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowsConfig {
+    /// The SQLite file of the execution history.
+    pub history: PathBuf,
+    /// Ended executions older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention_age: std::time::Duration,
+    /// At most this many executions are kept.
+    pub retention_count: u64,
+    /// Definition files (TOML, YAML or JSON) registered at start; a bad one stops the start.
+    pub definitions: Vec<PathBuf>,
+}
+
+impl Default for WorkflowsConfig {
+    fn default() -> Self {
+        let e = troupe_workflow::EngineConfig::default();
+        WorkflowsConfig {
+            history: e.history,
+            retention_age: e.retention_age,
+            retention_count: e.retention_count,
+            definitions: Vec::new(),
+        }
+    }
+}
+
+impl WorkflowsConfig {
+    /// The engine's settings.
+    pub fn engine(&self) -> troupe_workflow::EngineConfig {
+        troupe_workflow::EngineConfig {
+            history: self.history.clone(),
+            retention_age: self.retention_age,
+            retention_count: self.retention_count,
+        }
+    }
 }
 
 /// A node config resolved into what `serve` runs.
@@ -254,6 +294,13 @@ impl NodeConfig {
             ("http.idle_timeout", config.http.idle_timeout.is_zero()),
             ("threads.agents", config.threads.agents == Some(0)),
             ("threads.control", config.threads.control == Some(0)),
+            (
+                "workflows.retention_count",
+                config
+                    .workflows
+                    .as_ref()
+                    .is_some_and(|w| w.retention_count == 0),
+            ),
         ] {
             if zero {
                 return Err(NodeConfigError::Invalid {

@@ -8,6 +8,7 @@ mod listen;
 mod server;
 mod slo;
 mod store;
+mod workflows;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -341,12 +342,34 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         }
         None => None,
     };
+    // The workflow engine times its steps from the runtime's task events.
+    let timings = troupe_workflow::StepTimings::new();
+    if resolved.node.workflows.is_some() {
+        builder = builder.observe(timings.clone());
+    }
     let runtime = agents
         .block_on(builder.start())
         .context("starting the pool")?;
+    let workflows = resolved.node.workflows.clone();
     let result = control.block_on(async move {
         let state =
             server::AppState::new(runtime.handle(), &http, cluster.clone(), default_timeout);
+        if let Some(w) = &workflows {
+            let engine = troupe_workflow::Engine::open(runtime.handle(), timings, w.engine())
+                .await
+                .with_context(|| format!("opening the workflow history {}", w.history.display()))?;
+            for file in &w.definitions {
+                let def = troupe_workflow::Workflow::from_file(file)
+                    .and_then(|d| engine.register(d))
+                    .with_context(|| format!("workflow definition {}", file.display()));
+                def?;
+            }
+            let resumed = engine.resume().await.context("resuming workflow executions")?;
+            if !resumed.is_empty() {
+                tracing::info!(executions = ?resumed, "resumed workflow executions (their running steps run again)");
+            }
+            state.set_workflows(engine);
+        }
         if let Some(c) = &cluster {
             c.join(runtime.handle(), Some(state.exporter()))
                 .await

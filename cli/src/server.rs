@@ -62,6 +62,8 @@ pub struct AppState {
     body_timeout: Duration,
     admission: Arc<Admission>,
     routes: DashMap<Arc<str>, Arc<RouteMetrics>>,
+    /// The workflow engine, with `[workflows]` (set once at start).
+    workflows: std::sync::OnceLock<Arc<troupe_workflow::Engine>>,
 }
 
 impl AppState {
@@ -99,7 +101,32 @@ impl AppState {
             max_payload: http.max_payload_bytes,
             body_timeout: http.body_timeout,
             routes: DashMap::new(),
+            workflows: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Serves the workflow API with `engine` (once; later calls are ignored).
+    pub fn set_workflows(&self, engine: Arc<troupe_workflow::Engine>) {
+        let _ = self.workflows.set(engine);
+    }
+
+    /// The workflow engine, if the node has `[workflows]`.
+    pub(crate) fn workflows(&self) -> Option<&Arc<troupe_workflow::Engine>> {
+        self.workflows.get()
+    }
+
+    /// A JSON body, with the node's limits and errors.
+    pub(crate) async fn read_json_body<T: serde::de::DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<T, ApiError> {
+        read_json(self, headers, body).await
+    }
+
+    /// A body of at most the payload limit plus an envelope, within `http.body_timeout`.
+    pub(crate) async fn read_small_body(&self, body: Body) -> Result<Bytes, ApiError> {
+        read_body(self, body, self.max_payload.saturating_add(64 * 1024)).await
     }
 
     /// The node's load shedding.
@@ -275,11 +302,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(send_message))
         .route("/v1/messages/batch", post(send_batch))
         .route("/v1/requests", post(send_request))
+        .route("/v1/workflows", post(crate::workflows::register))
+        .route(
+            "/v1/workflows/{name}/executions",
+            post(crate::workflows::start),
+        )
+        .route("/v1/executions/{id}/cancel", post(crate::workflows::cancel))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let reads = Router::new()
         .route("/stats", get(stats))
         .route("/v1/tasks/{id}", get(task_status))
         .route("/v1/agents", get(agents))
+        .route("/v1/workflows", get(crate::workflows::list_workflows))
+        .route("/v1/executions", get(crate::workflows::list))
+        .route("/v1/executions/{id}", get(crate::workflows::get))
+        .route(
+            "/v1/executions/{id}/events",
+            get(crate::workflows::execution_events),
+        )
+        .route("/v1/events", get(crate::workflows::all_events))
         .route("/v1/cluster", get(crate::clustered::view))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

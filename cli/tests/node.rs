@@ -545,6 +545,20 @@ fn the_readme_node_config_is_valid() {
 }
 
 #[test]
+fn the_readme_workflows_config_is_valid() {
+    // Its paths are examples: point the history somewhere writable and drop the definitions.
+    let d = dir();
+    let history = d.path().join("w.sqlite");
+    readme_block_checks("[workflows]", |text| {
+        text.replace(
+            "\"/var/lib/troupe/workflows.sqlite\"",
+            &format!("{history:?}"),
+        )
+        .replace("[\"workflows/research.toml\"]", "[]")
+    });
+}
+
+#[test]
 fn the_readme_cluster_config_is_valid() {
     readme_block_checks("[cluster]", str::to_owned);
 }

@@ -1,0 +1,198 @@
+//! The node's workflow API over HTTP: definitions refused with the step named, executions
+//! started, read and streamed as Server-Sent Events, and kill -9 of the node mid-execution —
+//! the restarted node resumes it from its SQLite history and it ends once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Node, request};
+use serde_json::{Value, json};
+
+const POOL: &str = "[[tiers]]\nname = \"t\"\n\
+    [[tiers.agents]]\nkind = \"echo\"\ncount = 2\n\
+    [[tiers.agents]]\nkind = \"io\"\ncount = 2\nparams = { latency_ms = 10 }\n";
+
+/// Step `first` echoes the input; `second` waits on io for what the input says
+/// (`latency=MS`); `third` tags on after it.
+const FLOW: &str = "name = \"relay\"\n\
+    [[steps]]\nname = \"first\"\ntarget = \"echo\"\n\
+    [[steps]]\nname = \"second\"\ntarget = \"io\"\nafter = [\"first\"]\ntimeout = \"60s\"\n\
+    [[steps]]\nname = \"third\"\ntarget = \"echo\"\nafter = [\"second\"]\n";
+
+fn node(dir: &std::path::Path) -> Node {
+    std::fs::write(dir.join("pool.toml"), POOL).unwrap();
+    std::fs::write(dir.join("relay.toml"), FLOW).unwrap();
+    let config = format!(
+        "catalog = {:?}\n[workflows]\nhistory = {:?}\ndefinitions = [{:?}]\n",
+        dir.join("pool.toml"),
+        dir.join("history.sqlite"),
+        dir.join("relay.toml"),
+    );
+    Node::start(dir, &config)
+}
+
+fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn step<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()
+}
+
+#[test]
+fn the_api_registers_starts_reads_and_streams_and_refuses_bad_input() {
+    let d = tempfile::tempdir().unwrap();
+    let n = node(d.path());
+    assert_eq!(
+        n.get("/v1/workflows").json()["workflows"][0]["name"],
+        "relay"
+    );
+    // A bad definition names the step and field.
+    let bad = request(
+        n.addr,
+        "POST",
+        "/v1/workflows",
+        &[("Content-Type", "application/toml")],
+        Some("name = \"w\"\n[[steps]]\nname = \"a\"\ntarget = \"nope\"\n"),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(bad.json()["error"], "invalid_workflow");
+    assert!(
+        bad.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("steps[0] (a).target")
+    );
+    let cycle = n.post(
+        "/v1/workflows",
+        &json!({"name": "c", "steps": [
+            {"name": "a", "target": "echo", "after": ["b"]},
+            {"name": "b", "target": "echo", "after": ["a"]}]})
+        .to_string(),
+    );
+    assert_eq!(cycle.status, 400);
+    assert!(
+        cycle.json()["message"].as_str().unwrap().contains("cycle"),
+        "{}",
+        cycle.body
+    );
+    // A good one in YAML, then run it.
+    let ok = request(
+        n.addr,
+        "POST",
+        "/v1/workflows",
+        &[("Content-Type", "application/yaml")],
+        Some(
+            "name: quick\nsteps:\n  - name: a\n    target: echo\n  - name: b\n    target: io\n    after: [a]\n",
+        ),
+    );
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    assert_eq!(n.post("/v1/workflows/nope/executions", "{}").status, 404);
+    let r = n.post("/v1/workflows/quick/executions", r#"{"input":"latency=5"}"#);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_u64().unwrap();
+    // The event stream: everything of the execution in order, ending with `finished`.
+    let sse = n.get(&format!("/v1/executions/{id}/events"));
+    assert_eq!(sse.status, 200);
+    assert!(
+        sse.headers["content-type"].starts_with("text/event-stream"),
+        "{:?}",
+        sse.headers
+    );
+    let events: Vec<Value> = sse
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "{}",
+        sse.body
+    );
+    assert_eq!(events.first().unwrap()["kind"], "started");
+    assert_eq!(events.last().unwrap()["kind"], "finished");
+    let v = n.get(&format!("/v1/executions/{id}")).json();
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(step(&v, "b")["output"], "latency=5");
+    assert_eq!(v["progress"]["done"], 2);
+    let listed = n
+        .get("/v1/executions?workflow=quick&status=succeeded")
+        .json();
+    assert_eq!(listed["executions"][0]["id"], id);
+    assert_eq!(n.get("/v1/executions/999").status, 404);
+    assert_eq!(
+        n.post(&format!("/v1/executions/{id}/cancel"), "").status,
+        409
+    );
+    let bad_query = n.get("/v1/executions?limit=x");
+    assert_eq!(bad_query.status, 400);
+    assert_eq!(bad_query.json()["error"], "invalid_query");
+}
+
+#[test]
+fn a_node_killed_mid_execution_resumes_it_after_restart_and_it_ends_once() {
+    let d = tempfile::tempdir().unwrap();
+    let mut n = node(d.path());
+    let r = n.post(
+        "/v1/workflows/relay/executions",
+        r#"{"input":"latency=3000"}"#,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_u64().unwrap();
+    // Kill -9 while `second` runs (its io agent waits 3 s).
+    assert!(until(Duration::from_secs(10), || {
+        step(&n.get(&format!("/v1/executions/{id}")).json(), "second")["status"] == "running"
+    }));
+    n.child.kill().unwrap();
+    let _ = n.child.wait();
+    // Restarted on the same history: it resumes, `first` is not run again, `second` is.
+    let n = node(d.path());
+    assert!(
+        until(Duration::from_secs(30), || {
+            n.get(&format!("/v1/executions/{id}")).json()["status"] == "succeeded"
+        }),
+        "{}",
+        n.get(&format!("/v1/executions/{id}")).body
+    );
+    let v = n.get(&format!("/v1/executions/{id}")).json();
+    assert_eq!(step(&v, "first")["attempts"], 1, "{v}");
+    assert_eq!(step(&v, "second")["status"], "succeeded");
+    assert_eq!(step(&v, "third")["output"], "latency=3000");
+    let sse = n.get(&format!("/v1/executions/{id}/events"));
+    let kinds: Vec<String> = sse
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(kinds.contains(&"resumed".to_owned()), "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "finished").count(),
+        1,
+        "{kinds:?}"
+    );
+    // Ends once: it is listed once, as succeeded.
+    let all = n.get("/v1/executions").json();
+    assert_eq!(all["executions"].as_array().unwrap().len(), 1);
+}

@@ -8,6 +8,7 @@ mod listen;
 mod server;
 mod slo;
 mod store;
+mod workflow_run;
 mod workflows;
 
 use std::net::SocketAddr;
@@ -63,9 +64,33 @@ enum Command {
         #[command(subcommand)]
         command: SloCommand,
     },
+    /// Workflows on a running node.
+    Workflow {
+        #[command(subcommand)]
+        command: WorkflowCommand,
+    },
     /// Run as a sandbox worker process (started by the node for process lanes).
     #[command(hide = true)]
     SandboxWorker,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkflowCommand {
+    /// Register FILE (TOML, YAML or JSON) with the node, run it once with --input, show each
+    /// step's progress live and the table of step timings; exit 0 if it succeeded.
+    Run {
+        /// The workflow definition.
+        file: PathBuf,
+        /// The execution's input.
+        #[arg(long, default_value = "")]
+        input: String,
+        /// The node.
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        node: String,
+        /// Bearer token for the node's API.
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +131,22 @@ fn main() -> ExitCode {
         } => report(slo_rules(&policy, &rules_out, &alerts_out, check)),
         Command::Check { config } => report(check(config)),
         Command::Serve { config, listen } => report(serve(config, listen)),
+        Command::Workflow {
+            command:
+                WorkflowCommand::Run {
+                    file,
+                    input,
+                    node,
+                    token,
+                },
+        } => match workflow_run::run(&file, &input, &node, token) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("troupe: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

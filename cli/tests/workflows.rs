@@ -196,3 +196,84 @@ fn a_node_killed_mid_execution_resumes_it_after_restart_and_it_ends_once() {
     let all = n.get("/v1/executions").json();
     assert_eq!(all["executions"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn troupe_workflow_run_follows_an_execution_and_prints_the_step_table() {
+    let d = tempfile::tempdir().unwrap();
+    let n = node(d.path());
+    let file = d.path().join("pair.yaml");
+    std::fs::write(
+        &file,
+        "name: pair\nsteps:\n  - name: fetch\n    target: io\n    timeout: 5s\n  - name: answer\n    target: echo\n    after: [fetch]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::TROUPE)
+        .args(["workflow", "run"])
+        .arg(&file)
+        .args([
+            "--input",
+            "latency=50",
+            "--node",
+            &format!("http://{}", n.addr),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a terminal: one line per event, then the table.
+    assert!(
+        stdout.contains("step_queued") && stdout.contains("finished: succeeded"),
+        "{stdout}"
+    );
+    let table = stdout.split("\nexecution ").nth(1).unwrap();
+    assert!(table.starts_with("1 succeeded"), "{stdout}");
+    for step in ["fetch", "answer"] {
+        let row = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(step))
+            .unwrap();
+        assert!(row.contains("succeeded"), "{row}");
+    }
+    // A failing run exits 1; a refused definition exits 2 with the reason.
+    let bad = d.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[[steps]]\nname = \"a\"\ntarget = \"nope\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::TROUPE)
+        .args(["workflow", "run"])
+        .arg(&bad)
+        .args(["--node", &format!("http://{}", n.addr)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("steps[0] (a).target"));
+    let failing = d.path().join("failing.toml");
+    std::fs::write(
+        &failing,
+        "name = \"f\"\n[[steps]]\nname = \"a\"\ntarget = \"io\"\ntimeout = \"100ms\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::TROUPE)
+        .args(["workflow", "run"])
+        .arg(&failing)
+        .args([
+            "--input",
+            "latency=2000",
+            "--node",
+            &format!("http://{}", n.addr),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -138,12 +138,17 @@ pub struct AgentContext {
     tier: Arc<str>,
     lane: Option<Lane>,
     bus: Bus,
+    /// The kind's limiter (pool agents), resolved once per incarnation.
+    pub(crate) limiter: Option<Arc<crate::limit::KindLimiter>>,
+    /// Set by [`AgentContext::retry_after`] for the task in hand, ns (0: not set).
+    retry_after: std::sync::atomic::AtomicU64,
 }
 
 impl AgentContext {
     /// The context of pool agent `spec`: its bus sends as it.
     pub(crate) fn for_agent(runtime: RuntimeHandle, spec: &AgentSpec) -> Self {
         let bus = runtime.bus_as(Some(spec.id));
+        let limiter = runtime.core().limiter(&spec.kind);
         AgentContext {
             runtime,
             id: spec.id,
@@ -151,6 +156,8 @@ impl AgentContext {
             tier: spec.tier.clone(),
             lane: None,
             bus,
+            limiter,
+            retry_after: Default::default(),
         }
     }
 
@@ -170,6 +177,8 @@ impl AgentContext {
             tier: Arc::from("sandbox"),
             lane: Some(lane),
             bus,
+            limiter: None,
+            retry_after: Default::default(),
         }
     }
 
@@ -181,6 +190,45 @@ impl AgentContext {
     /// This agent's kind.
     pub fn kind(&self) -> &str {
         &self.kind
+    }
+
+    /// The error to return when an upstream refused for now and said when to come back (an
+    /// API answering "rate limit exceeded, retry after N ms"): every agent of this kind holds
+    /// off for `after`, and the task is tried again after it — whatever its retry policy —
+    /// unless its deadline comes first, when it ends `timeout`. The pool slows down; the task
+    /// does not fail.
+    ///
+    /// ```ignore
+    /// if response.status == 429 {
+    ///     return Err(ctx.retry_after(Duration::from_millis(retry_ms), "rate limited"));
+    /// }
+    /// ```
+    ///
+    /// On a sandbox lane it is an ordinary error.
+    pub fn retry_after(
+        &self,
+        after: std::time::Duration,
+        message: impl Into<Cow<'static, str>>,
+    ) -> TaskError {
+        let ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.retry_after
+            .store(ns, std::sync::atomic::Ordering::Release);
+        TaskError::new(message)
+    }
+
+    /// Takes what [`AgentContext::retry_after`] set for the task in hand.
+    pub(crate) fn take_retry_after(&self) -> Option<std::time::Duration> {
+        // A plain load first: the common case (nothing set) writes nothing.
+        if self.retry_after.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
+        match self
+            .retry_after
+            .swap(0, std::sync::atomic::Ordering::AcqRel)
+        {
+            0 => None,
+            ns => Some(std::time::Duration::from_nanos(ns)),
+        }
     }
 
     /// The tier this agent belongs to (`sandbox` for lane instances).

@@ -57,6 +57,31 @@ pub struct RuntimeConfig {
     pub sandbox: SandboxConfig,
     /// The tiers, started in this order and stopped in reverse.
     pub tiers: Vec<TierConfig>,
+    /// Per-kind rate and concurrency limits (for agents calling a rate-limited upstream).
+    pub limits: Vec<KindLimit>,
+}
+
+/// How fast and how many agents of one kind may run tasks. Every kind can also be paused by
+/// its own handlers: one that fails with [`AgentContext::retry_after`](crate::AgentContext::retry_after)
+/// holds every agent of the kind off for that long, and its task is retried after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindLimit {
+    /// The agent kind.
+    pub kind: String,
+    /// Tasks per second the kind may start, across its agents.
+    #[serde(default)]
+    pub rate: Option<f64>,
+    /// Tasks that may start at once before the rate applies (default 1).
+    #[serde(default = "one")]
+    pub burst: u32,
+    /// Tasks the kind may run at once, across its agents.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for RuntimeConfig {
@@ -75,6 +100,7 @@ impl Default for RuntimeConfig {
             telemetry: TelemetryConfig::default(),
             sandbox: SandboxConfig::default(),
             tiers: Vec::new(),
+            limits: Vec::new(),
         }
     }
 }
@@ -435,6 +461,33 @@ impl RuntimeConfig {
                 "must be at least 1",
             ));
         }
+        let mut limited = std::collections::HashSet::new();
+        for (i, l) in self.limits.iter().enumerate() {
+            if !limited.insert(l.kind.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("limits[{i}].kind"),
+                    format!("`{}` has another limit above", l.kind),
+                ));
+            }
+            if l.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                return Err(ConfigError::invalid(
+                    format!("limits[{i}].rate"),
+                    "must be a number of tasks per second above 0",
+                ));
+            }
+            if l.burst == 0 {
+                return Err(ConfigError::invalid(
+                    format!("limits[{i}].burst"),
+                    "must be at least 1",
+                ));
+            }
+            if l.concurrency == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("limits[{i}].concurrency"),
+                    "must be at least 1",
+                ));
+            }
+        }
         if self.tasks.default_timeout == Some(Duration::ZERO) {
             return Err(ConfigError::invalid(
                 "tasks.default_timeout",
@@ -641,6 +694,33 @@ mod tests {
         let c = RuntimeConfig::from_toml_str(&readme[start..start + len]).unwrap();
         assert_eq!(c.total_agents(), 635);
         assert_eq!(c.tiers[0].agents[0].capabilities, ["reply"]);
+        assert_eq!(c.limits[0].rate, Some(50.0));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_limits_name_the_entry() {
+        let err = |text: &str| RuntimeConfig::from_toml_str(text).unwrap_err();
+        let field = |text: &str| match err(text) {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field("[[limits]]\nkind = \"a\"\nrate = 0.0"),
+            "limits[0].rate"
+        );
+        assert_eq!(
+            field("[[limits]]\nkind = \"a\"\nconcurrency = 0"),
+            "limits[0].concurrency"
+        );
+        assert_eq!(
+            field("[[limits]]\nkind = \"a\"\nburst = 0"),
+            "limits[0].burst"
+        );
+        assert_eq!(
+            field("[[limits]]\nkind = \"a\"\n[[limits]]\nkind = \"a\""),
+            "limits[1].kind"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 // allocation on the overload path, exactly where the runtime must stay cheap.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ pub(crate) struct Parts {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) supervision: Arc<Supervision>,
     pub(crate) sandbox: Arc<Sandbox>,
+    /// Each registered kind's limiter (fixed at start).
+    pub(crate) limits: HashMap<String, Arc<crate::limit::KindLimiter>>,
 }
 
 impl Core {
@@ -137,6 +140,47 @@ impl Core {
             }
             _ => self.requeue(task),
         }
+    }
+
+    /// A handler said its upstream refused and to come back after `after`: the kind pauses,
+    /// and the task is tried again then, whatever its retry policy, unless its deadline comes
+    /// first (then it ends `timeout`).
+    pub(crate) fn retry_after(
+        &self,
+        kind: &str,
+        mut task: QueuedTask,
+        after: Duration,
+        outcome: Outcome,
+    ) {
+        if let Some(l) = self.parts.limits.get(kind) {
+            l.pause_for(after);
+        }
+        if self.parts.phase.is_cancelling() {
+            self.parts.ledger.finish(task, outcome);
+            return;
+        }
+        if task.deadline.is_some_and(|d| Instant::now() + after >= d) {
+            self.parts.ledger.finish(task, Outcome::Timeout);
+            return;
+        }
+        task.attempt += 1;
+        match (
+            tokio::runtime::Handle::try_current(),
+            self.self_ref.upgrade(),
+        ) {
+            (Ok(handle), Some(core)) => {
+                handle.spawn(async move {
+                    tokio::time::sleep(after).await;
+                    core.requeue(task);
+                });
+            }
+            _ => self.requeue(task),
+        }
+    }
+
+    /// The limiter of `kind`.
+    pub(crate) fn limiter(&self, kind: &str) -> Option<Arc<crate::limit::KindLimiter>> {
+        self.parts.limits.get(kind).cloned()
     }
 
     fn requeue(&self, mut task: QueuedTask) {

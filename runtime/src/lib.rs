@@ -77,6 +77,7 @@ pub struct ReadmeDoctests;
 mod bound;
 mod error;
 mod ids;
+mod limit;
 mod panics;
 mod phase;
 mod priority;
@@ -115,9 +116,9 @@ pub use bus::{
 /// need not depend on it).
 pub use bytes::Bytes;
 pub use config::{
-    AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, LivenessConfig,
-    MailboxConfig, Overflow, QueueConfig, RuntimeConfig, ShutdownConfig, TaskConfig,
-    TelemetryConfig, TierConfig, parse_toml,
+    AgentGroupConfig, BackoffConfig, DEFAULT_MAX_AGENTS, IntensityConfig, KindLimit,
+    LivenessConfig, MailboxConfig, Overflow, QueueConfig, RuntimeConfig, ShutdownConfig,
+    TaskConfig, TelemetryConfig, TierConfig, parse_toml,
 };
 pub use error::{BusError, ConfigError, Rejected, StartError, SubmitError};
 pub use events::{TaskEvent, TaskEventKind, TaskObserver};

@@ -167,6 +167,15 @@ impl RuntimeBuilder {
                 .into());
             }
         }
+        for (i, l) in config.limits.iter().enumerate() {
+            if !kinds.contains_key(&l.kind) {
+                return Err(ConfigError::UnknownKind {
+                    field: format!("limits[{i}].kind"),
+                    kind: l.kind.clone(),
+                }
+                .into());
+            }
+        }
         for (i, tier) in config.tiers.iter().enumerate() {
             for (j, group) in tier.agents.iter().enumerate() {
                 if !kinds.contains_key(&group.kind) {
@@ -209,6 +218,19 @@ impl RuntimeBuilder {
             .keys()
             .map(|k| (k.clone(), pool.params_of(k)))
             .collect();
+        // One limiter per registered kind: configured ones limit, every one can be paused.
+        let limits = kinds
+            .keys()
+            .map(|k| {
+                let l = config.limits.iter().find(|l| &l.kind == k);
+                let limiter = crate::limit::KindLimiter::new(
+                    l.and_then(|l| l.rate),
+                    l.map_or(1, |l| l.burst),
+                    l.and_then(|l| l.concurrency),
+                );
+                (k.clone(), Arc::new(limiter))
+            })
+            .collect();
         let core = Arc::new_cyclic(|weak| {
             let lane_spawners = kinds
                 .iter()
@@ -234,6 +256,7 @@ impl RuntimeBuilder {
                     ledger,
                     supervision,
                     sandbox,
+                    limits,
                 },
             )
         });

@@ -245,12 +245,17 @@ async fn run_task<A: Agent>(
     crate::trace::adopt(&span, &parent);
     let span_handle = span.clone();
     let ran = {
-        let handler = AssertUnwindSafe(Guarded::new(
-            agent.handle(request, ctx).instrument(span),
-            ctx.id().0,
-            task_id,
-        ))
-        .catch_unwind();
+        // A limited or paused kind waits for its turn inside the task's deadline.
+        let limiter = ctx.limiter.as_deref().filter(|l| !l.is_free());
+        let work = async move {
+            let _permit = match limiter {
+                Some(l) => l.acquire().await,
+                None => None,
+            };
+            agent.handle(request, ctx).await
+        };
+        let handler = AssertUnwindSafe(Guarded::new(work.instrument(span), ctx.id().0, task_id))
+            .catch_unwind();
         let cancel = CancelSignal { core, slot };
         match limit {
             Some(limit) => {
@@ -294,9 +299,15 @@ async fn run_task<A: Agent>(
         Ran::Cancelled => "cancelled",
     };
     span_handle.record("outcome", kind);
+    // Taken whatever the outcome, so a flag set by a handler that then succeeded or panicked
+    // does not carry over to the next task.
+    let retry_after = ctx.take_retry_after();
     match ran {
         Ran::Done(Ok(Ok(output))) => ledger.finish(task, Outcome::Ok(output)),
-        Ran::Done(Ok(Err(e))) => core.retry_or_finish(task, Outcome::Error(e)),
+        Ran::Done(Ok(Err(e))) => match retry_after {
+            Some(after) => core.retry_after(ctx.kind(), task, after, Outcome::Error(e)),
+            None => core.retry_or_finish(task, Outcome::Error(e)),
+        },
         Ran::Done(Err(p)) => {
             let msg = panic_message(p.as_ref());
             core.retry_or_finish(task, Outcome::Panic(msg.clone()));

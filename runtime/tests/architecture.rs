@@ -17,10 +17,11 @@ const ABOVE_THE_PARTS: [&str; 7] = [
 ];
 
 /// The bottom layer: each may import only others of this list.
-const PRIMITIVES: [&str; 10] = [
+const PRIMITIVES: [&str; 11] = [
     "bound.rs",
     "error.rs",
     "ids.rs",
+    "limit.rs",
     "phase.rs",
     "priority.rs",
     "queue.rs",

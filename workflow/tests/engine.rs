@@ -25,7 +25,7 @@ struct Tool {
 }
 
 impl Agent for Tool {
-    async fn handle(&mut self, task: TaskRequest, _: &AgentContext) -> Result<Bytes, TaskError> {
+    async fn handle(&mut self, task: TaskRequest, ctx: &AgentContext) -> Result<Bytes, TaskError> {
         let text = String::from_utf8_lossy(&task.payload).into_owned();
         match self.kind.as_str() {
             "upper" => Ok(Bytes::from(text.to_uppercase())),
@@ -42,12 +42,22 @@ impl Agent for Tool {
                 tokio::time::sleep(self.hang).await;
                 Ok(task.payload)
             }
+            // An upstream that refuses its first three calls: "retry after 50 ms".
+            "limited" => {
+                if LIMITED_CALLS.fetch_add(1, Ordering::AcqRel) < 3 {
+                    Err(ctx.retry_after(Duration::from_millis(50), "rate limited"))
+                } else {
+                    Ok(task.payload)
+                }
+            }
             _ => Ok(task.payload),
         }
     }
 }
 
-const KINDS: [&str; 6] = ["upper", "tag", "fail", "fail2", "slow", "hang"];
+const KINDS: [&str; 7] = ["upper", "tag", "fail", "fail2", "slow", "hang", "limited"];
+
+static LIMITED_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 struct Pool {
     runtime: Runtime,
@@ -587,5 +597,26 @@ async fn subscribers_get_every_event_of_an_execution_in_order_as_stored() {
             "{kinds:?}"
         );
     }
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_on_a_rate_limited_upstream_waits_instead_of_failing() {
+    let d = tempfile::tempdir().unwrap();
+    let p = pool(&d.path().join("h.sqlite"), EngineConfig::default()).await;
+    p.engine
+        .register(
+            Workflow::new("patient")
+                .step(Step::new("call", "limited").timeout(Duration::from_secs(10)))
+                .step(Step::new("after", "tag").after(["call"])),
+        )
+        .unwrap();
+    let id = p.engine.start("patient", "q").await.unwrap();
+    let v = p.engine.wait(id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(v.execution.status, "succeeded", "{v:?}");
+    // One task for the step: the runtime retried it after each "retry after", no step retry.
+    assert_eq!(v.steps[0].attempts, 1);
+    assert!(LIMITED_CALLS.load(Ordering::Acquire) >= 4);
+    assert_eq!(v.steps[1].output.as_deref(), Some("[q]"));
     p.runtime.shutdown().await;
 }

@@ -399,6 +399,7 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
             let engine = troupe_workflow::Engine::open(runtime.handle(), timings, w.engine())
                 .await
                 .with_context(|| format!("opening the workflow history {}", w.history.display()))?;
+            engine.export_to(state.shared_exporter());
             for file in &w.definitions {
                 let def = troupe_workflow::Workflow::from_file(file)
                     .and_then(|d| engine.register(d))

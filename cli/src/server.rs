@@ -54,7 +54,7 @@ pub struct AppState {
     /// The runtime's `tasks.default_timeout`: a clustered task's deadline counts from its
     /// acceptance here, whichever node runs it.
     pub(crate) default_timeout: Option<Duration>,
-    exporter: MetricsExporter,
+    exporter: Arc<MetricsExporter>,
     store: TaskStore,
     token: Option<String>,
     read_token: Option<String>,
@@ -90,7 +90,7 @@ impl AppState {
             runtime,
             cluster,
             default_timeout,
-            exporter,
+            exporter: Arc::new(exporter),
             store: TaskStore::new(
                 http.task_records,
                 http.task_record_bytes,
@@ -142,6 +142,12 @@ impl AppState {
     /// The exporter, for metrics of layers around the HTTP API (connections).
     pub fn exporter(&self) -> &MetricsExporter {
         &self.exporter
+    }
+
+    /// The exporter, shared (the workflow engine registers per-workflow metrics as workflows
+    /// are registered, long after start).
+    pub fn shared_exporter(&self) -> Arc<MetricsExporter> {
+        self.exporter.clone()
     }
 
     /// The handles of `route`, created on its first request.

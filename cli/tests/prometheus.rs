@@ -338,7 +338,48 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
     let cb = common::nats::node(d.path(), &nats, "cb", small, "");
     let single = d.path().join("single");
     std::fs::create_dir_all(&single).unwrap();
-    let node = Node::start(&single, "");
+    // The single node also runs workflows, so the workflow row and alerts have their series:
+    // one that succeeds, one whose step passes its deadline (warned, escalated, failed).
+    std::fs::write(
+        single.join("flows.yaml"),
+        "name: relay\nsteps:\n  - name: a\n    target: reply\n  - name: b\n    target: fetch\n    after: [a]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        single.join("late.yaml"),
+        "name: late\nsteps:\n  - name: a\n    target: fetch\n    timeout: 60ms\n",
+    )
+    .unwrap();
+    let node = Node::start(
+        &single,
+        &format!(
+            "[workflows]\nhistory = {:?}\ndefinitions = [{:?}, {:?}]\n",
+            single.join("history.sqlite"),
+            single.join("flows.yaml"),
+            single.join("late.yaml")
+        ),
+    );
+    let workflow_load = {
+        let addr = node.addr;
+        std::thread::spawn(move || {
+            for i in 0..20 {
+                let (flow, input) = if i % 4 == 3 {
+                    ("late", "latency=200")
+                } else {
+                    ("relay", "latency=5")
+                };
+                let r = request(
+                    addr,
+                    "POST",
+                    &format!("/v1/workflows/{flow}/executions"),
+                    &[("Content-Type", "application/json")],
+                    Some(&serde_json::json!({ "input": input }).to_string()),
+                );
+                assert_eq!(r.status, 202, "{}", r.body);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
     let cluster_load = {
         let (a, b) = (ca.addr, cb.addr);
         std::thread::spawn(move || {
@@ -410,6 +451,7 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
         "alerts/performance.yaml",
         "alerts/backpressure.yaml",
         "alerts/cluster.yaml",
+        "alerts/workflows.yaml",
     ]
     .iter()
     .map(|f| format!("  - '{}'\n", repo().join(f).display()))
@@ -465,6 +507,7 @@ fn a_real_prometheus_evaluates_every_dashboard_and_alert_query_against_the_node(
 
     let report = load.join().expect("the load ran");
     cluster_load.join().expect("the cluster load ran");
+    workflow_load.join().expect("the workflow load ran");
     let t = &report.tasks.outcomes;
     assert!(
         t.ok > 0 && t.error > 0 && t.timeout > 0,

@@ -135,6 +135,17 @@ fn the_api_registers_starts_reads_and_streams_and_refuses_bad_input() {
         .get("/v1/executions?workflow=quick&status=succeeded")
         .json();
     assert_eq!(listed["executions"][0]["id"], id);
+    // Metrics per registered workflow, in the node's exposition.
+    let metrics = n.get("/metrics").body;
+    for line in [
+        r#"troupe_workflow_executions_started_total{workflow="quick"} 1"#,
+        r#"troupe_workflow_executions_finished_total{workflow="quick",status="succeeded"} 1"#,
+        r#"troupe_workflow_steps_finished_total{workflow="quick",status="succeeded"} 2"#,
+        r#"troupe_workflow_executions_running{workflow="quick"} 0"#,
+        r#"troupe_workflow_step_duration_seconds_count{workflow="quick"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     assert_eq!(n.get("/v1/executions/999").status, 404);
     assert_eq!(
         n.post(&format!("/v1/executions/{id}/cancel"), "").status,

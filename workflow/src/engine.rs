@@ -25,6 +25,7 @@ use troupe::{Outcome, RuntimeHandle, Task, TaskEvent, TaskEventKind, TaskObserve
 
 use crate::definition::{Input, Source, Step, StepResult, Workflow, source};
 use crate::error::WorkflowError;
+use crate::metrics::WorkflowMetrics;
 use crate::store::{self, Event, ExecutionRecord, Filter, Op, Page, StepRecord, Store};
 
 /// Keys of the engine's tasks carry this bit, so [`StepTimings`] can skip every other task.
@@ -133,6 +134,7 @@ struct Execution {
     /// The clock events' `elapsed_ms` counts from (start, or resume).
     epoch: tokio::time::Instant,
     done: tokio::sync::watch::Sender<Option<ExecutionRecord>>,
+    metrics: Option<Arc<WorkflowMetrics>>,
 }
 
 /// A step's task in flight: its `step_started` is sent once, by whichever comes first of the
@@ -173,6 +175,8 @@ pub struct Engine {
     next_key: AtomicU64,
     events: broadcast::Sender<Event>,
     timings: StepTimings,
+    exporter: std::sync::OnceLock<Arc<troupe::MetricsExporter>>,
+    metrics: DashMap<String, Arc<WorkflowMetrics>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -235,6 +239,8 @@ impl Engine {
             next_key: AtomicU64::new(1),
             events,
             timings,
+            exporter: std::sync::OnceLock::new(),
+            metrics: DashMap::new(),
         });
         engine.prune();
         let me = Arc::downgrade(&engine);
@@ -286,9 +292,43 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Registers (or replaces) a workflow after checking it against the pool.
+    /// Exports the workflow metrics (troupe_workflow_*) with `exporter`, for every workflow
+    /// registered so far and from now on. Once; later calls are ignored.
+    pub fn export_to(&self, exporter: Arc<troupe::MetricsExporter>) {
+        if self.exporter.set(exporter).is_ok() {
+            for w in self.workflows.iter() {
+                self.metrics_for(w.key());
+            }
+        }
+    }
+
+    fn metrics_for(&self, workflow: &str) -> Option<Arc<WorkflowMetrics>> {
+        let e = self.exporter.get()?;
+        Some(
+            self.metrics
+                .entry(workflow.to_owned())
+                .or_insert_with(|| Arc::new(WorkflowMetrics::new(e, workflow)))
+                .clone(),
+        )
+    }
+
+    /// Registers (or replaces) a workflow after checking it against the pool. An engine holds
+    /// at most [`MAX_WORKFLOWS`](crate::MAX_WORKFLOWS) (the bound on the metrics' label).
     pub fn register(&self, workflow: Workflow) -> Result<(), WorkflowError> {
         workflow.check(&self.known)?;
+        if !self.workflows.contains_key(&workflow.name)
+            && self.workflows.len() >= crate::metrics::MAX_WORKFLOWS
+        {
+            return Err(WorkflowError::Definition {
+                workflow: workflow.name.clone(),
+                at: "name".into(),
+                reason: format!(
+                    "this engine holds {} workflows already, the most it registers",
+                    crate::metrics::MAX_WORKFLOWS
+                ),
+            });
+        }
+        self.metrics_for(&workflow.name);
         self.workflows
             .insert(workflow.name.clone(), Arc::new(workflow));
         Ok(())
@@ -437,6 +477,11 @@ impl Engine {
         seq: u64,
     ) -> Arc<Execution> {
         let (done, _) = tokio::sync::watch::channel(None);
+        let metrics = self.metrics_for(&workflow.name);
+        if let Some(m) = &metrics {
+            m.started.increment(1);
+            m.running.increment(1.0);
+        }
         let exec = Arc::new(Execution {
             id,
             workflow,
@@ -446,12 +491,21 @@ impl Engine {
             seq: AtomicU64::new(seq),
             epoch: tokio::time::Instant::now(),
             done,
+            metrics,
         });
         self.running.insert(id, exec.clone());
         exec
     }
 
     fn emit(&self, exec: &Execution, kind: &str, step: Option<&str>, detail: Option<String>) {
+        if let Some(m) = &exec.metrics {
+            match kind {
+                "warned" => m.warnings.increment(1),
+                "escalated" => m.escalations.increment(1),
+                "step_skipped" => m.step("skipped"),
+                _ => {}
+            }
+        }
         let e = Event {
             execution: exec.id,
             seq: exec.seq.fetch_add(1, Ordering::AcqRel) + 1,
@@ -469,6 +523,11 @@ impl Engine {
         let me = self.clone();
         tokio::spawn(async move {
             let record = me.drive(&exec, state).await;
+            if let Some(m) = &exec.metrics {
+                m.running.decrement(1.0);
+                m.finished(&record.status);
+                m.execution_duration.record(exec.epoch.elapsed());
+            }
             me.store.send(Op::End(record.clone()));
             me.emit(
                 &exec,
@@ -839,6 +898,10 @@ impl Engine {
             }
         };
         self.store.send(Op::Step(exec.id, rec.clone()));
+        if let Some(m) = &exec.metrics {
+            m.step(&rec.status);
+            m.step_duration.record(began.elapsed());
+        }
         (rec, end)
     }
 }

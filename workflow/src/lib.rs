@@ -34,9 +34,11 @@
 mod definition;
 mod engine;
 mod error;
+mod metrics;
 mod store;
 
 pub use definition::{Condition, DEFAULT_STEP_TIMEOUT, Format, Input, Step, StepResult, Workflow};
 pub use engine::{Engine, EngineConfig, ExecutionView, Progress, StepTimings};
 pub use error::WorkflowError;
+pub use metrics::MAX_WORKFLOWS;
 pub use store::{Event, ExecutionRecord, Filter, Page, StepRecord};

@@ -770,11 +770,20 @@ impl Cluster {
         let Ok(members) = self.members().await else {
             return;
         };
-        let served: HashSet<String> = members
+        let mut served: HashSet<String> = members
             .iter()
             .filter(|m| m.state == "up")
             .flat_map(|m| m.record.capabilities.iter().cloned())
             .collect();
+        // This node pulls what its own pool serves: count that even while its heartbeat is
+        // not (yet, or no longer) in the bucket — right after NATS came back, the records
+        // lag, and refusing work this node itself would run is wrong.
+        if let Some(rt) = self
+            .runtime()
+            .filter(|_| !self.leaving.load(Ordering::Acquire))
+        {
+            served.extend(rt.capabilities());
+        }
         if let Some(m) = self.metrics() {
             let up = members.iter().filter(|m| m.state == "up").count();
             m.nodes(up, members.len() - up);

@@ -112,12 +112,38 @@ impl Core {
 
     /// Retries a failed attempt if its policy and its deadline allow, otherwise finishes with
     /// `outcome`.
-    pub(crate) fn retry_or_finish(&self, mut task: QueuedTask, outcome: Outcome) {
+    pub(crate) fn retry_or_finish(&self, task: QueuedTask, outcome: Outcome) {
         if task.attempt >= task.retry.max_attempts || self.parts.phase.is_cancelling() {
             self.parts.ledger.finish(task, outcome);
             return;
         }
         let delay = task.retry.delay_before(task.attempt + 1);
+        self.attempt_again(task, delay);
+    }
+
+    /// A handler said its upstream refused and to come back after `after`: its kind pauses
+    /// (`limiter`, the handler's own), and the task is tried again then, whatever its retry
+    /// policy, unless its deadline comes first (then it ends `timeout`).
+    pub(crate) fn retry_after(
+        &self,
+        limiter: Option<&crate::limit::KindLimiter>,
+        task: QueuedTask,
+        after: Duration,
+        outcome: Outcome,
+    ) {
+        if let Some(l) = limiter {
+            l.pause_for(after);
+        }
+        if self.parts.phase.is_cancelling() {
+            self.parts.ledger.finish(task, outcome);
+            return;
+        }
+        self.attempt_again(task, after);
+    }
+
+    /// Queues the next attempt after `delay`, or ends the task `timeout` if its deadline would
+    /// pass first.
+    fn attempt_again(&self, mut task: QueuedTask, delay: Duration) {
         if task.deadline.is_some_and(|d| Instant::now() + delay >= d) {
             // No time left for another attempt: the deadline decides.
             self.parts.ledger.finish(task, Outcome::Timeout);
@@ -135,42 +161,6 @@ impl Core {
             (Ok(handle), Some(core)) => {
                 handle.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    core.requeue(task);
-                });
-            }
-            _ => self.requeue(task),
-        }
-    }
-
-    /// A handler said its upstream refused and to come back after `after`: the kind pauses,
-    /// and the task is tried again then, whatever its retry policy, unless its deadline comes
-    /// first (then it ends `timeout`).
-    pub(crate) fn retry_after(
-        &self,
-        kind: &str,
-        mut task: QueuedTask,
-        after: Duration,
-        outcome: Outcome,
-    ) {
-        if let Some(l) = self.parts.limits.get(kind) {
-            l.pause_for(after);
-        }
-        if self.parts.phase.is_cancelling() {
-            self.parts.ledger.finish(task, outcome);
-            return;
-        }
-        if task.deadline.is_some_and(|d| Instant::now() + after >= d) {
-            self.parts.ledger.finish(task, Outcome::Timeout);
-            return;
-        }
-        task.attempt += 1;
-        match (
-            tokio::runtime::Handle::try_current(),
-            self.self_ref.upgrade(),
-        ) {
-            (Ok(handle), Some(core)) => {
-                handle.spawn(async move {
-                    tokio::time::sleep(after).await;
                     core.requeue(task);
                 });
             }

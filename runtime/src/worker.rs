@@ -305,7 +305,7 @@ async fn run_task<A: Agent>(
     match ran {
         Ran::Done(Ok(Ok(output))) => ledger.finish(task, Outcome::Ok(output)),
         Ran::Done(Ok(Err(e))) => match retry_after {
-            Some(after) => core.retry_after(ctx.kind(), task, after, Outcome::Error(e)),
+            Some(after) => core.retry_after(ctx.limiter.as_deref(), task, after, Outcome::Error(e)),
             None => core.retry_or_finish(task, Outcome::Error(e)),
         },
         Ran::Done(Err(p)) => {

@@ -73,6 +73,15 @@ async fn start(upstream: &Arc<Upstream>, limit: Option<KindLimit>) -> Runtime {
         .unwrap()
 }
 
+fn limit(kind: &str, rate: Option<f64>, concurrency: Option<usize>) -> KindLimit {
+    KindLimit {
+        kind: kind.into(),
+        rate,
+        burst: 1,
+        concurrency,
+    }
+}
+
 fn upstream(per_window: usize, retry_ms: u64) -> Arc<Upstream> {
     Arc::new(Upstream {
         per_window,
@@ -116,13 +125,8 @@ async fn an_upstream_that_says_retry_after_slows_the_kind_and_fails_no_task() {
 async fn a_configured_rate_keeps_the_kind_under_its_upstream() {
     // The upstream allows 5 per 100 ms (50/s); the kind is held to 20/s.
     let up = upstream(5, 100);
-    let limit = KindLimit {
-        kind: "api".into(),
-        rate: Some(20.0),
-        burst: 1,
-        concurrency: None,
-    };
-    let rt = start(&up, Some(limit)).await;
+    let held = limit("api", Some(20.0), None);
+    let rt = start(&up, Some(held)).await;
     let began = Instant::now();
     let handles: Vec<_> = (0..20)
         .map(|_| rt.try_submit(Task::new("api", "x")).unwrap())
@@ -143,13 +147,8 @@ async fn a_configured_rate_keeps_the_kind_under_its_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrency_limit_caps_the_kind_across_its_agents() {
     let up = upstream(1000, 10);
-    let limit = KindLimit {
-        kind: "api".into(),
-        rate: None,
-        burst: 1,
-        concurrency: Some(2),
-    };
-    let rt = start(&up, Some(limit)).await;
+    let held = limit("api", None, Some(2));
+    let rt = start(&up, Some(held)).await;
     let handles: Vec<_> = (0..30)
         .map(|_| rt.try_submit(Task::new("api", "x")).unwrap())
         .collect();
@@ -184,26 +183,16 @@ async fn a_limit_on_an_unknown_kind_or_with_a_bad_rate_is_refused_naming_the_fie
         let u = up.clone();
         Runtime::builder(config).register("api", move |_: &AgentSpec| Api(u.clone()))
     };
-    let e = bad(KindLimit {
-        kind: "nope".into(),
-        rate: None,
-        burst: 1,
-        concurrency: None,
-    })
-    .start()
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = bad(limit("nope", None, None))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("limits[0].kind"), "{e}");
-    let e = bad(KindLimit {
-        kind: "api".into(),
-        rate: Some(-1.0),
-        burst: 1,
-        concurrency: None,
-    })
-    .start()
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = bad(limit("api", Some(-1.0), None))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("limits[0].rate"), "{e}");
 }

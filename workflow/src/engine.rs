@@ -731,38 +731,35 @@ impl Engine {
             Some(Ended::Failed(e) | Ended::Skipped(e)) => e.clone(),
             None => String::new(),
         };
+        // (key in a several-input object, value) of one reference.
         let resolve = |r: &str| match source(r) {
-            Source::Input => input.to_owned(),
-            Source::Step(s) => output(s),
-            Source::Literal(t) => t.to_owned(),
+            Source::Input => ("input".to_owned(), input.to_owned()),
+            Source::Step(s) => (s.to_owned(), output(s)),
+            Source::Literal(t) => (t.to_owned(), t.to_owned()),
         };
-        Ok(match &step.input {
-            Some(Input::One(r)) => resolve(r),
-            Some(Input::Many(rs)) => {
-                let map: serde_json::Map<String, serde_json::Value> = rs
+        // Without `input`: the workflow's input, or what the steps it comes after produced.
+        let defaulted: Vec<String>;
+        let refs: &[String] = match &step.input {
+            Some(Input::One(r)) => return Ok(resolve(r).1),
+            Some(Input::Many(rs)) => rs,
+            None if step.after.is_empty() => return Ok(input.to_owned()),
+            None => {
+                defaulted = step.after.iter().map(|d| format!("$steps.{d}")).collect();
+                &defaulted
+            }
+        };
+        Ok(match refs {
+            [one] if step.input.is_none() => resolve(one).1,
+            many => {
+                let map: serde_json::Map<String, serde_json::Value> = many
                     .iter()
                     .map(|r| {
-                        let k = match source(r) {
-                            Source::Input => "input".to_owned(),
-                            Source::Step(s) => s.to_owned(),
-                            Source::Literal(t) => t.to_owned(),
-                        };
-                        (k, serde_json::Value::String(resolve(r)))
+                        let (k, v) = resolve(r);
+                        (k, serde_json::Value::String(v))
                     })
                     .collect();
                 serde_json::Value::Object(map).to_string()
             }
-            None => match step.after.as_slice() {
-                [] => input.to_owned(),
-                [one] => output(one),
-                many => {
-                    let map: serde_json::Map<String, serde_json::Value> = many
-                        .iter()
-                        .map(|d| (d.clone(), serde_json::Value::String(output(d))))
-                        .collect();
-                    serde_json::Value::Object(map).to_string()
-                }
-            },
         })
     }
 

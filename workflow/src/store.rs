@@ -105,11 +105,6 @@ impl StepRecord {
             error: None,
         }
     }
-
-    /// Total duration, ms (first submission to end).
-    pub fn duration_ms(&self) -> Option<u64> {
-        Some(self.ended_ms?.saturating_sub(self.started_ms?))
-    }
 }
 
 /// One execution's row.

@@ -224,6 +224,8 @@ pub struct WorkflowsConfig {
     pub retention_age: std::time::Duration,
     /// At most this many executions are kept.
     pub retention_count: u64,
+    /// Where `escalated` events are POSTed as JSON, for workflows that name no URL of their own.
+    pub escalation_webhook: Option<String>,
     /// Definition files (TOML, YAML or JSON) registered at start; a bad one stops the start.
     pub definitions: Vec<PathBuf>,
 }
@@ -235,6 +237,7 @@ impl Default for WorkflowsConfig {
             history: e.history,
             retention_age: e.retention_age,
             retention_count: e.retention_count,
+            escalation_webhook: e.escalation_webhook,
             definitions: Vec::new(),
         }
     }
@@ -247,6 +250,7 @@ impl WorkflowsConfig {
             history: self.history.clone(),
             retention_age: self.retention_age,
             retention_count: self.retention_count,
+            escalation_webhook: self.escalation_webhook.clone(),
         }
     }
 }
@@ -309,6 +313,17 @@ impl NodeConfig {
                     reason: "must be above zero".into(),
                 });
             }
+        }
+        if let Some(url) = config
+            .workflows
+            .as_ref()
+            .and_then(|w| w.escalation_webhook.as_deref())
+        {
+            troupe_workflow::check_webhook_url(url).map_err(|reason| NodeConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "workflows.escalation_webhook".into(),
+                reason,
+            })?;
         }
         if let Some(c) = &config.cluster {
             match c.validate() {
@@ -439,6 +454,29 @@ mod tests {
             e.to_string()
                 .starts_with("node.toml: invalid field `http.listen`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_workflows_webhook_that_cannot_be_sent_to_is_named() {
+        let e = NodeConfig::parse(
+            "[workflows]\nescalation_webhook = \"ftp://ops/hook\"",
+            "node.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("workflows.escalation_webhook") && e.contains("scheme `ftp`"),
+            "{e}"
+        );
+        let ok = NodeConfig::parse(
+            "[workflows]\nescalation_webhook = \"http://127.0.0.1:9000/hook\"",
+            "node.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.workflows.unwrap().engine().escalation_webhook.as_deref(),
+            Some("http://127.0.0.1:9000/hook")
         );
     }
 

@@ -43,6 +43,10 @@ impl From<WorkflowError> for ApiError {
             WorkflowError::Store(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "history", message)
             }
+            // Only `Engine::open` refuses a setting, and the node checks its config first.
+            WorkflowError::Config { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "engine_config", message)
+            }
         }
     }
 }

@@ -259,11 +259,15 @@ async fn run_task<A: Agent>(
         let cancel = CancelSignal { core, slot };
         match limit {
             Some(limit) => {
+                // The timer runs for what is left on Tokio's clock rather than at the std
+                // instant converted, so a test on a paused clock (which auto-advances past idle
+                // waits) sees the attempt cut off when its handler's own timers say it is due.
+                let left = limit.saturating_duration_since(Instant::now());
                 tokio::select! {
                     biased;
                     r = handler => Ran::Done(r),
                     _ = cancel => Ran::Cancelled,
-                    _ = tokio::time::sleep_until(limit.into()) => Ran::TimedOut,
+                    _ = tokio::time::sleep(left) => Ran::TimedOut,
                 }
             }
             None => {

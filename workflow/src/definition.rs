@@ -207,6 +207,9 @@ pub struct Workflow {
     /// The fraction of a deadline (a step's or the workflow's) at which `warned` is sent.
     #[serde(default = "default_warn_at")]
     pub warn_at: f64,
+    /// Where `escalated` events are POSTed as JSON (overrides the engine's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation_webhook: Option<String>,
     /// The steps, in any order.
     #[serde(default)]
     pub steps: Vec<Step>,
@@ -261,8 +264,15 @@ impl Workflow {
             name: name.into(),
             deadline: None,
             warn_at: default_warn_at(),
+            escalation_webhook: None,
             steps: Vec::new(),
         }
+    }
+
+    /// POSTs this workflow's `escalated` events to `url`.
+    pub fn escalation_webhook(mut self, url: impl Into<String>) -> Self {
+        self.escalation_webhook = Some(url.into());
+        self
     }
 
     /// Adds a step.
@@ -331,6 +341,9 @@ impl Workflow {
         }
         if !(self.warn_at > 0.0 && self.warn_at < 1.0) {
             return Err(invalid(w, "warn_at", "must be between 0 and 1 (e.g. 0.8)"));
+        }
+        if let Some(url) = &self.escalation_webhook {
+            crate::webhook::check_url(url).map_err(|why| invalid(w, "escalation_webhook", why))?;
         }
         if self.steps.is_empty() {
             return Err(invalid(w, "steps", "a workflow needs at least one step"));

@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub retention_age: Duration,
     /// At most this many executions are kept (the oldest ended ones go first).
     pub retention_count: u64,
+    /// Where `escalated` events are POSTed as JSON, for workflows that name no URL of their own.
+    pub escalation_webhook: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +58,7 @@ impl Default for EngineConfig {
             history: "troupe-workflows.sqlite".into(),
             retention_age: Duration::from_secs(7 * 24 * 3600),
             retention_count: 100_000,
+            escalation_webhook: None,
         }
     }
 }
@@ -101,9 +104,17 @@ impl TaskObserver for StepTimings {
         let Some(key) = e.key.filter(|k| k & KEY_TAG != 0) else {
             return;
         };
-        let mut t = self.inner.by_key.entry(key).or_default();
+        if let TaskEventKind::Accepted = e.kind {
+            self.inner.by_key.entry(key).or_default().accepted = Some(e.at);
+            return;
+        }
+        // Only an accepted task has an entry: one the engine stopped waiting for (its step
+        // past its deadline, its execution cancelled) must not grow the map again.
+        let Some(mut t) = self.inner.by_key.get_mut(&key) else {
+            return;
+        };
         match e.kind {
-            TaskEventKind::Accepted => t.accepted = Some(e.at),
+            TaskEventKind::Accepted => {}
             TaskEventKind::Started { agent, .. } => {
                 t.started = Some(e.at);
                 t.agent = Some(agent.0);
@@ -161,6 +172,20 @@ impl InFlight {
     }
 }
 
+/// Forgets a step task's key when its attempt ends, or is dropped: an attempt cut off by the
+/// step's deadline or the execution's end never reaches the line after its `await`.
+struct KeyGuard<'a> {
+    engine: &'a Engine,
+    key: u64,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self.engine.keys.remove(&self.key);
+        self.engine.timings.inner.by_key.remove(&self.key);
+    }
+}
+
 /// The workflow engine. See the module docs.
 pub struct Engine {
     runtime: RuntimeHandle,
@@ -177,6 +202,7 @@ pub struct Engine {
     timings: StepTimings,
     exporter: std::sync::OnceLock<Arc<troupe::MetricsExporter>>,
     metrics: DashMap<String, Arc<WorkflowMetrics>>,
+    webhooks: crate::webhook::Webhooks,
 }
 
 impl std::fmt::Debug for Engine {
@@ -219,6 +245,17 @@ impl Engine {
         timings: StepTimings,
         config: EngineConfig,
     ) -> Result<Arc<Engine>, WorkflowError> {
+        if let Some(url) = &config.escalation_webhook {
+            crate::webhook::check_url(url).map_err(|reason| WorkflowError::Config {
+                field: "escalation_webhook",
+                reason,
+            })?;
+        }
+        let webhooks =
+            crate::webhook::Webhooks::start().map_err(|reason| WorkflowError::Config {
+                field: "escalation_webhook",
+                reason,
+            })?;
         let path = config.history.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
@@ -241,6 +278,7 @@ impl Engine {
             timings,
             exporter: std::sync::OnceLock::new(),
             metrics: DashMap::new(),
+            webhooks,
         });
         engine.prune();
         let me = Arc::downgrade(&engine);
@@ -295,6 +333,7 @@ impl Engine {
     /// Exports the workflow metrics (troupe_workflow_*) with `exporter`, for every workflow
     /// registered so far and from now on. Once; later calls are ignored.
     pub fn export_to(&self, exporter: Arc<troupe::MetricsExporter>) {
+        self.webhooks.export_to(&exporter);
         if self.exporter.set(exporter).is_ok() {
             for w in self.workflows.iter() {
                 self.metrics_for(w.key());
@@ -515,6 +554,17 @@ impl Engine {
             step: step.map(str::to_owned),
             detail,
         };
+        if kind == "escalated" {
+            let url = exec
+                .workflow
+                .escalation_webhook
+                .as_deref()
+                .or(self.config.escalation_webhook.as_deref());
+            if let Some(url) = url {
+                let esc = crate::webhook::Escalation::of(&exec.workflow.name, &e);
+                self.webhooks.send(Arc::from(url), esc);
+            }
+        }
         self.store.send(Op::Event(e.clone()));
         let _ = self.events.send(e);
     }
@@ -809,6 +859,7 @@ impl Engine {
                     started_sent: std::sync::Mutex::new(false),
                 });
                 self.keys.insert(key, flight.clone());
+                let _forget = KeyGuard { engine: self, key };
                 let mut task = Task::new(target.to_string(), payload.clone())
                     .priority(step.priority)
                     .timeout(left)
@@ -822,19 +873,19 @@ impl Engine {
                     Some(&step.name),
                     Some((*target).to_owned()),
                 );
+                // Counted when submitted, so one cut off by the deadline counts too.
+                rec.attempts += 1;
+                rec.target = Some((*target).to_owned());
                 let outcome = match self.runtime.submit(task, left).await {
                     Ok(h) => h.await,
                     Err(rejected) => {
                         Outcome::Error(troupe::TaskError::new(rejected.error.to_string()))
                     }
                 };
-                self.keys.remove(&key);
                 let t = self.timings.take(key);
                 if let Some(agent) = t.agent {
                     flight.send_started(self, exec, agent);
                 }
-                rec.attempts += 1;
-                rec.target = Some((*target).to_owned());
                 rec.agent = t.agent;
                 rec.queue_us = t.started.zip(t.accepted).map(|(s, a)| micros(s - a));
                 rec.exec_us = t.finished.zip(t.started).map(|(f, s)| micros(f - s));
@@ -842,7 +893,13 @@ impl Engine {
                     Outcome::Ok(out) => return Ok(String::from_utf8_lossy(&out).into_owned()),
                     // Each attempt is given what is left of the step's deadline, so its
                     // timeout is the step's.
-                    Outcome::Timeout => return Err(("timeout".into(), true)),
+                    // The runtime cuts the attempt off on the std clock; the step's events
+                    // are timed on Tokio's, so escalation waits for the step's own deadline
+                    // (a few µs at most on a real clock) and lands where `warned` promised.
+                    Outcome::Timeout => {
+                        tokio::time::sleep_until(deadline).await;
+                        return Err(("timeout".into(), true));
+                    }
                     other => last = describe(&other),
                 }
             }
@@ -857,6 +914,13 @@ impl Engine {
                     _ = tokio::time::sleep_until(warn), if !warned => {
                         warned = true;
                         self.emit(exec, "warned", Some(&step.name), Some(format!("{:.0} % of its deadline", exec.workflow.warn_at * 100.0)));
+                    }
+                    // The engine keeps the step's deadline itself rather than trusting the
+                    // task's timeout alone: a task still queued behind others, or an agent
+                    // that never yields, must not hold the step past it. The runtime ends the
+                    // abandoned task at the same deadline.
+                    _ = tokio::time::sleep_until(deadline) => {
+                        break Err(("an attempt still running".to_owned(), true));
                     }
                 }
             }

@@ -14,6 +14,14 @@ pub enum WorkflowError {
         /// Why.
         reason: String,
     },
+    /// An engine setting that cannot work; `field` names it.
+    #[error("workflow engine: {field}: {reason}")]
+    Config {
+        /// The setting at fault.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// No workflow of this name is registered.
     #[error("no workflow `{0}` is registered")]
     UnknownWorkflow(String),

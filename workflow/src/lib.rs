@@ -36,9 +36,13 @@ mod engine;
 mod error;
 mod metrics;
 mod store;
+mod webhook;
 
 pub use definition::{Condition, DEFAULT_STEP_TIMEOUT, Format, Input, Step, StepResult, Workflow};
 pub use engine::{Engine, EngineConfig, ExecutionView, Progress, StepTimings};
 pub use error::WorkflowError;
 pub use metrics::MAX_WORKFLOWS;
 pub use store::{Event, ExecutionRecord, Filter, Page, StepRecord};
+pub use webhook::{
+    ATTEMPTS as WEBHOOK_ATTEMPTS, QUEUE as WEBHOOK_QUEUE, check_url as check_webhook_url,
+};

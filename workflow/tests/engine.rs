@@ -261,10 +261,23 @@ async fn a_failing_step_retries_then_falls_back_then_escalates() {
     p.runtime.shutdown().await;
 }
 
-// On the real clock: a step's deadline is also its task's timeout, which the runtime keeps on
-// the std clock, and a paused Tokio clock runs ahead of that. Lower bounds only (a loaded
-// machine may be late, never early).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// When the first event of `kind` (for `step`, or the execution when `None`) came, in ms since
+/// the execution started.
+fn at(events: &[troupe_workflow::Event], kind: &str, step: Option<&str>) -> u64 {
+    events
+        .iter()
+        .find(|e| e.kind == kind && e.step.as_deref() == step)
+        .map(|e| e.elapsed_ms)
+        .unwrap_or_else(|| panic!("no {kind} for {step:?}: {events:?}"))
+}
+
+// On a paused clock, so the times are exact: Tokio jumps to the next timer whenever the
+// runtime is idle, and the engine's deadlines are all Tokio timers. Idle includes waiting for
+// the history's writer thread, during which the clock races through the pool's periodic timers,
+// so these tests wait for an execution with no practical limit.
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[tokio::test(start_paused = true)]
 async fn a_step_past_its_deadline_warns_then_escalates_on_time() {
     let d = tempfile::tempdir().unwrap();
     let p = pool(&d.path().join("h.sqlite"), EngineConfig::default()).await;
@@ -276,7 +289,7 @@ async fn a_step_past_its_deadline_warns_then_escalates_on_time() {
         )
         .unwrap();
     let id = p.engine.start("late", "x").await.unwrap();
-    let v = p.engine.wait(id, Duration::from_secs(60)).await.unwrap();
+    let v = p.engine.wait(id, FOREVER).await.unwrap();
     assert_eq!(v.execution.status, "failed");
     assert!(
         v.steps[0]
@@ -287,25 +300,33 @@ async fn a_step_past_its_deadline_warns_then_escalates_on_time() {
         "{v:?}"
     );
     let events = p.engine.events(id).await.unwrap();
-    let at = |kind: &str| {
-        events
-            .iter()
-            .find(|e| e.kind == kind && e.step.as_deref() == Some("wait"))
-            .map(|e| e.elapsed_ms)
-            .unwrap_or_else(|| panic!("no {kind}: {events:?}"))
-    };
+    let queued = at(&events, "step_queued", Some("wait"));
     // Warned at half the deadline, escalated at the deadline, in that order.
-    let (warned, escalated) = (at("warned"), at("escalated"));
-    assert!(
-        warned >= 200 && escalated >= 400 && warned < escalated,
+    assert_eq!(
+        at(&events, "warned", Some("wait")) - queued,
+        200,
         "{events:?}"
     );
-    assert!(escalated < 10_000, "{events:?}");
+    assert_eq!(
+        at(&events, "escalated", Some("wait")) - queued,
+        400,
+        "{events:?}"
+    );
+    assert_eq!(
+        kinds_of(&events, "wait"),
+        [
+            "step_queued",
+            "step_started",
+            "warned",
+            "escalated",
+            "step_finished"
+        ]
+    );
     p.runtime.shutdown().await;
 }
 
-// Real clock, lower bounds only, for the reason given above.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Paused clock, as above.
+#[tokio::test(start_paused = true)]
 async fn a_workflow_past_its_deadline_is_timed_out_and_a_cancelled_one_cancelled() {
     let d = tempfile::tempdir().unwrap();
     let p = pool(&d.path().join("h.sqlite"), EngineConfig::default()).await;
@@ -318,31 +339,18 @@ async fn a_workflow_past_its_deadline_is_timed_out_and_a_cancelled_one_cancelled
         )
         .unwrap();
     let id = p.engine.start("slowpoke", "x").await.unwrap();
-    let v = p.engine.wait(id, Duration::from_secs(60)).await.unwrap();
+    let v = p.engine.wait(id, FOREVER).await.unwrap();
     assert_eq!(v.execution.status, "timed_out");
     assert!(v.steps.iter().all(|s| s.status == "cancelled"), "{v:?}");
     let events = p.engine.events(id).await.unwrap();
-    let warned = events
-        .iter()
-        .find(|e| e.kind == "warned" && e.step.is_none())
-        .unwrap();
-    let escalated = events
-        .iter()
-        .find(|e| e.kind == "escalated" && e.step.is_none())
-        .unwrap();
-    assert!(
-        warned.elapsed_ms >= 400 && escalated.elapsed_ms >= 500,
-        "{events:?}"
-    );
-    assert!(
-        warned.seq < escalated.seq && escalated.elapsed_ms < 10_000,
-        "{events:?}"
-    );
+    // The default warn fraction is 80 %.
+    assert_eq!(at(&events, "warned", None), 400, "{events:?}");
+    assert_eq!(at(&events, "escalated", None), 500, "{events:?}");
 
     let id = p.engine.start("slowpoke", "x").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     p.engine.cancel(id).unwrap();
-    let v = p.engine.wait(id, Duration::from_secs(60)).await.unwrap();
+    let v = p.engine.wait(id, FOREVER).await.unwrap();
     assert_eq!(v.execution.status, "cancelled");
     assert!(matches!(p.engine.cancel(id), Err(WorkflowError::Ended(_))));
     p.runtime.shutdown().await;
@@ -618,5 +626,129 @@ async fn a_step_on_a_rate_limited_upstream_waits_instead_of_failing() {
     assert_eq!(v.steps[0].attempts, 1);
     assert!(LIMITED_CALLS.load(Ordering::Acquire) >= 4);
     assert_eq!(v.steps[1].output.as_deref(), Some("[q]"));
+    p.runtime.shutdown().await;
+}
+
+/// A local webhook receiver: answers 500 to its first `refuse` POSTs, then 200, and hands over
+/// every body it accepted.
+async fn receiver(refuse: usize) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let (tx, seen) = (tx.clone(), seen.clone());
+            async move {
+                if seen.fetch_add(1, Ordering::AcqRel) < refuse {
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                let _ = tx.send(body);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_is_posted_to_the_workflows_webhook_through_a_failing_receiver() {
+    // The receiver fails the first two tries; the third (the last allowed) is delivered.
+    let (url, mut got) = receiver(2).await;
+    let d = tempfile::tempdir().unwrap();
+    let p = pool(&d.path().join("h.sqlite"), EngineConfig::default()).await;
+    p.engine
+        .register(
+            Workflow::new("paged")
+                .escalation_webhook(&url)
+                .step(Step::new("s", "fail")),
+        )
+        .unwrap();
+    let id = p.engine.start("paged", "x").await.unwrap();
+    let v = p.engine.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(v.execution.status, "failed");
+    let body = tokio::time::timeout(Duration::from_secs(20), got.recv())
+        .await
+        .expect("no delivery")
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["event"], "escalated");
+    assert_eq!(j["workflow"], "paged");
+    assert_eq!(j["execution"], id);
+    assert_eq!(j["step"], "s");
+    assert!(
+        j["detail"].as_str().unwrap().contains("upstream said no"),
+        "{j}"
+    );
+    // The same event as the history holds.
+    let events = p.engine.events(id).await.unwrap();
+    let stored = events.iter().find(|e| e.kind == "escalated").unwrap();
+    assert_eq!(j["seq"], stored.seq);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_webhook_serves_workflows_without_their_own_and_bad_urls_are_refused() {
+    let (url, mut got) = receiver(0).await;
+    let d = tempfile::tempdir().unwrap();
+    let p = pool(
+        &d.path().join("h.sqlite"),
+        EngineConfig {
+            escalation_webhook: Some(url),
+            ..EngineConfig::default()
+        },
+    )
+    .await;
+    p.engine
+        .register(
+            Workflow::new("late")
+                .deadline(Duration::from_millis(200))
+                .step(Step::new("a", "hang")),
+        )
+        .unwrap();
+    let id = p.engine.start("late", "x").await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(20), got.recv())
+        .await
+        .expect("no delivery")
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (j["workflow"].as_str(), j["execution"].as_u64()),
+        (Some("late"), Some(id))
+    );
+    // The execution's own deadline: no step.
+    assert!(j["step"].is_null(), "{j}");
+
+    for (bad, why) in [
+        ("not a url", "not a URL"),
+        ("ftp://example.com/hook", "scheme `ftp`"),
+    ] {
+        let e = p
+            .engine
+            .register(
+                Workflow::new("w")
+                    .escalation_webhook(bad)
+                    .step(Step::new("a", "tag")),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("escalation_webhook") && e.contains(why), "{e}");
+    }
+    let refused = Engine::open(
+        p.runtime.handle(),
+        StepTimings::new(),
+        EngineConfig {
+            history: d.path().join("other.sqlite"),
+            escalation_webhook: Some("mailto:ops@example.com".into()),
+            ..EngineConfig::default()
+        },
+    )
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(refused.contains("escalation_webhook"), "{refused}");
     p.runtime.shutdown().await;
 }

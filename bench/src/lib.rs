@@ -180,3 +180,20 @@ pub fn sandbox_config(mode: troupe::sandbox::LaneMode, worker: &str) -> RuntimeC
     }];
     c
 }
+
+/// CPU seconds (user + system) process `pid` used so far (Linux `/proc`; 0 elsewhere).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11..13).map_or(0.0, |t| {
+        t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}

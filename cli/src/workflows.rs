@@ -107,15 +107,41 @@ struct StartBody {
     input: String,
 }
 
+/// `?wait=true` holds the answer until the execution ends, up to `wait_ms` (default
+/// [`DEFAULT_WAIT`]): for scripts and the load tester, which need how it ended, not its steps.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartQuery {
+    #[serde(default)]
+    wait: bool,
+    wait_ms: Option<u64>,
+}
+
+/// How long `?wait=true` waits when `wait_ms` is not given.
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+
 pub(crate) async fn start(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    query: Result<Query<StartQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let engine = engine(&state)?;
     let b: StartBody = state.read_json_body(&headers, body).await?;
     let id = engine.start(&name, &b.input).await?;
+    if q.wait {
+        let limit = q.wait_ms.map_or(DEFAULT_WAIT, Duration::from_millis);
+        let r = engine.finished(id, limit).await?;
+        // Still running at the limit: the same answer as without `wait`.
+        let code = if r.status == "running" {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::OK
+        };
+        return Ok((code, Json(r)).into_response());
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "status": "running" })),

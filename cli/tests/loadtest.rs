@@ -113,3 +113,64 @@ async fn the_load_generator_drives_the_real_node_over_http() {
     let why = target.first_transport_error().expect("the failure is kept");
     assert!(why.contains("Connect") || why.contains("connect"), "{why}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_mix_registers_its_definition_and_runs_executions_on_the_node() {
+    let d = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[workflows]\nhistory = {:?}\n",
+        d.path().join("history.sqlite")
+    );
+    let node = tokio::task::block_in_place(|| Node::start(d.path(), &config));
+    std::fs::write(
+        d.path().join("chain.toml"),
+        "name = \"chain\"\n[[steps]]\nname = \"a\"\ntarget = \"reply\"\n\
+         [[steps]]\nname = \"b\"\ntarget = \"llm\"\nafter = [\"a\"]\n",
+    )
+    .unwrap();
+    let mix_path = d.path().join("mix.toml");
+    std::fs::write(
+        &mix_path,
+        "[[workflow]]\ndefinition = \"chain.toml\"\ninput = \"latency=2\"\nshare = 1\n",
+    )
+    .unwrap();
+    let mix = Mix::from_file(&mix_path).unwrap();
+    let target = Target::new_http(
+        &format!("http://{}", node.addr),
+        None,
+        &mix,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let target = Arc::new(target);
+    target.check(&mix).await.unwrap();
+    let settings = Settings {
+        mix: mix.clone(),
+        policy: builtin_policy(),
+        policy_source: "built-in".into(),
+        plan: Plan {
+            mode: Mode::Open { rate: 100.0 },
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(2),
+            bus_rate: 0.0,
+            max_in_flight: 10_000,
+            drain: Duration::from_secs(20),
+            progress: Progress::Quiet,
+        },
+    };
+    let report = run_once(target.clone(), &settings).await;
+    let t = &report.tasks.outcomes;
+    assert_eq!((t.offered, t.ok), (200, 200), "{t:?}");
+    // The node holds them: the check's one and the run's 200, all succeeded.
+    let listed = tokio::task::block_in_place(|| {
+        node.get("/v1/executions?workflow=chain&status=succeeded&limit=1000")
+            .json()
+    });
+    assert_eq!(
+        listed["executions"].as_array().unwrap().len(),
+        201,
+        "{listed}"
+    );
+    tokio::task::block_in_place(|| node.terminate());
+}

@@ -95,9 +95,31 @@ struct Args {
     /// Most requests outstanding at once; beyond it the generator records `in_flight_limit`.
     #[arg(long, default_value_t = 200_000)]
     max_in_flight: usize,
+    /// The embedded pool's workflow history (SQLite), when the mix has `[[workflow]]` entries;
+    /// default: a fresh file in the temporary directory, deleted after the run.
+    #[arg(long, value_name = "FILE", conflicts_with = "target")]
+    workflow_history: Option<PathBuf>,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// The embedded pool's history file, deleted on drop when the run made it up.
+struct History {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        if self.temporary {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
 }
 
 fn parse_ramp(s: &str) -> anyhow::Result<(f64, f64)> {
@@ -224,6 +246,7 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
     };
 
     let mut runtime = None;
+    let mut history = None;
     let target = match &args.target {
         Some(url) => Target::new_http(url, args.token.clone(), &mix, args.request_timeout).await?,
         None => {
@@ -234,11 +257,39 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
                     troupe_agents::Catalogue::default_pool().context("the built-in catalogue")?
                 }
             };
-            let rt = troupe_agents::builder(&catalogue, troupe::RuntimeConfig::default())
+            let timings = troupe_workflow::StepTimings::new();
+            let mut builder = troupe_agents::builder(&catalogue, troupe::RuntimeConfig::default());
+            if mix.has_workflows() {
+                builder = builder.observe(timings.clone());
+            }
+            let rt = builder
                 .start()
                 .await
                 .context("starting the embedded pool")?;
-            let t = Target::new_embedded(rt.handle(), &mix, args.request_timeout);
+            let engine = if mix.has_workflows() {
+                let h = History {
+                    temporary: args.workflow_history.is_none(),
+                    path: args.workflow_history.clone().unwrap_or_else(|| {
+                        std::env::temp_dir()
+                            .join(format!("troupe-loadtest-{}.sqlite", std::process::id()))
+                    }),
+                };
+                let engine = troupe_workflow::Engine::open(
+                    rt.handle(),
+                    timings,
+                    troupe_workflow::EngineConfig {
+                        history: h.path.clone(),
+                        ..troupe_workflow::EngineConfig::default()
+                    },
+                )
+                .await
+                .with_context(|| format!("opening the workflow history {}", h.path.display()))?;
+                history = Some(h);
+                Some(engine)
+            } else {
+                None
+            };
+            let t = Target::new_embedded(rt.handle(), engine, &mix, args.request_timeout)?;
             runtime = Some(rt);
             t
         }
@@ -279,6 +330,7 @@ async fn real_main(args: Args) -> anyhow::Result<bool> {
         drop(target);
         rt.shutdown().await;
     }
+    drop(history);
     print!("{}", report::render_text(&report));
     write_reports(&args, &report)?;
     Ok(report.slo.pass)

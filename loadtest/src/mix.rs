@@ -57,7 +57,22 @@ struct MixFile {
     #[serde(default)]
     task: Vec<EntryFile>,
     #[serde(default)]
+    workflow: Vec<WorkflowFile>,
+    #[serde(default)]
     bus: Option<BusFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkflowFile {
+    name: Option<String>,
+    /// A definition file (TOML, YAML or JSON), relative to the mix file.
+    definition: std::path::PathBuf,
+    #[serde(default)]
+    input: String,
+    share: f64,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,8 +132,11 @@ pub struct Entry {
     pub share: f64,
     /// Run through the tri-sandbox.
     pub sandbox: bool,
-    /// Task timeout, if any.
+    /// Task timeout, if any; for a workflow, how long its end is waited for.
     pub timeout: Option<Duration>,
+    /// A workflow execution instead of a task: the definition, started with `payload` as its
+    /// input (`kind` is `workflow`, `target` the workflow's name).
+    pub workflow: Option<std::sync::Arc<troupe_workflow::Workflow>>,
 }
 
 impl Entry {
@@ -163,23 +181,37 @@ impl Mix {
         Self::from_toml_str(DEFAULT_MIX)
     }
 
-    /// Reads a mix file.
+    /// Reads a mix file; workflow definitions are found relative to it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, MixError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| MixError::Io {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_toml_str(&text)
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
-    /// Parses and validates a mix.
+    /// Parses and validates a mix; workflow definitions are found relative to the current
+    /// directory.
     pub fn from_toml_str(text: &str) -> Result<Self, MixError> {
+        Self::parse(text, Path::new("."))
+    }
+
+    /// Whether any entry is a workflow (the target then needs a workflow engine).
+    pub fn has_workflows(&self) -> bool {
+        self.entries.iter().any(|e| e.workflow.is_some())
+    }
+
+    fn parse(text: &str, base: &Path) -> Result<Self, MixError> {
         let file: MixFile = toml::from_str(text).map_err(|e| MixError::Parse(e.to_string()))?;
-        if file.task.is_empty() {
-            return Err(invalid("task", "the mix needs at least one [[task]] entry"));
+        if file.task.is_empty() && file.workflow.is_empty() {
+            return Err(invalid(
+                "task",
+                "the mix needs at least one [[task]] or [[workflow]] entry",
+            ));
         }
-        let total: f64 = file.task.iter().map(|e| e.share).sum();
+        let total: f64 = file.task.iter().map(|e| e.share).sum::<f64>()
+            + file.workflow.iter().map(|w| w.share).sum::<f64>();
         let mut entries = Vec::with_capacity(file.task.len());
         for (i, e) in file.task.into_iter().enumerate() {
             let at = |f: &str| format!("task[{i}].{f}");
@@ -267,12 +299,50 @@ impl Mix {
                 share: e.share / total,
                 sandbox: e.sandbox,
                 timeout: e.timeout,
+                workflow: None,
+            });
+        }
+        let tasks = entries.len();
+        for (i, w) in file.workflow.into_iter().enumerate() {
+            let at = |f: &str| format!("workflow[{i}].{f}");
+            if !(w.share.is_finite() && w.share > 0.0) {
+                return Err(invalid(
+                    at("share"),
+                    format!("must be above zero, found {}", w.share),
+                ));
+            }
+            if w.timeout == Some(Duration::ZERO) {
+                return Err(invalid(
+                    at("timeout"),
+                    "must be above zero (omit it for the run's)",
+                ));
+            }
+            let path = base.join(&w.definition);
+            // The pool's kinds are checked when the target registers it.
+            let definition = troupe_workflow::Workflow::from_file(&path)
+                .map_err(|e| invalid(at("definition"), format!("{}: {e}", path.display())))?;
+            entries.push(Entry {
+                name: w.name.unwrap_or_else(|| definition.name.clone()),
+                kind: "workflow".to_owned(),
+                target: definition.name.clone(),
+                priority: Priority::Normal,
+                payload: Bytes::from(w.input),
+                cost: None,
+                share: w.share / total,
+                sandbox: false,
+                timeout: w.timeout,
+                workflow: Some(std::sync::Arc::new(definition)),
             });
         }
         for (i, e) in entries.iter().enumerate() {
             if entries[..i].iter().any(|p| p.name == e.name) {
+                let field = if i < tasks {
+                    format!("task[{i}].name")
+                } else {
+                    format!("workflow[{}].name", i - tasks)
+                };
                 return Err(invalid(
-                    format!("task[{i}].name"),
+                    field,
                     format!(
                         "`{}` is used by an earlier entry; give each a distinct name",
                         e.name

@@ -724,7 +724,12 @@ pub fn render_text(r: &Report) -> String {
     }
     let _ = writeln!(out, "\nby entry");
     for e in &r.entries {
-        let label = format!("{}{}", e.name, if e.sandbox { " [sandbox]" } else { "" });
+        let mark = match (e.sandbox, e.kind.as_str()) {
+            (true, _) => " [sandbox]",
+            (_, "workflow") => " [workflow]",
+            _ => "",
+        };
+        let label = format!("{}{mark}", e.name);
         pct_row(&mut out, &label, &e.latency);
         if e.outcomes.ok != e.outcomes.offered {
             let _ = writeln!(out, "  {:<26} {}", "", outcome_line(&e.outcomes));

@@ -101,11 +101,15 @@ struct EmbeddedEntry {
     payload: Bytes,
     timeout: Duration,
     sandbox: bool,
+    /// A workflow entry: its input (the name is `target`).
+    workflow: Option<String>,
 }
 
 /// A runtime in this process.
 pub struct Embedded {
     runtime: RuntimeHandle,
+    /// Runs the mix's workflow entries.
+    engine: Option<Arc<troupe_workflow::Engine>>,
     entries: Vec<EmbeddedEntry>,
     bus: Bus,
     topic: Option<Topic>,
@@ -122,6 +126,8 @@ pub struct Http {
     next: AtomicUsize,
     token: Option<String>,
     bodies: Vec<Bytes>,
+    /// Where each entry is POSTed: `/v1/tasks?wait=true`, or a workflow's executions.
+    paths: Vec<String>,
     topic_body: Option<Bytes>,
     bus_payload: String,
     agents: u32,
@@ -136,9 +142,11 @@ pub enum Target {
     Http(Http),
 }
 
+/// A task's answer (`outcome`) or a workflow execution's (`status`).
 #[derive(Deserialize)]
 struct TaskReply {
     outcome: Option<String>,
+    status: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +183,17 @@ fn class_of_status(status: u16) -> Class {
     }
 }
 
+/// How an execution that ended `status` classifies (`running`: still running when the wait
+/// ended, so past the entry's timeout).
+fn class_of_execution(status: &str) -> Class {
+    match status {
+        "succeeded" => Class::Ok,
+        "timed_out" | "running" => Class::Timeout,
+        "cancelled" => Class::Cancelled,
+        _ => Class::Error,
+    }
+}
+
 fn class_of_outcome(label: &str) -> Class {
     match label {
         "ok" => Class::Ok,
@@ -186,8 +205,28 @@ fn class_of_outcome(label: &str) -> Class {
 }
 
 impl Target {
-    /// Load against `runtime`. `request_timeout` applies to entries without their own.
-    pub fn new_embedded(runtime: RuntimeHandle, mix: &Mix, request_timeout: Duration) -> Self {
+    /// Load against `runtime`; `engine` runs the mix's workflow entries (registered here).
+    /// `request_timeout` applies to entries without their own.
+    pub fn new_embedded(
+        runtime: RuntimeHandle,
+        engine: Option<Arc<troupe_workflow::Engine>>,
+        mix: &Mix,
+        request_timeout: Duration,
+    ) -> Result<Self, TargetError> {
+        for (i, e) in mix.entries.iter().enumerate() {
+            let Some(w) = &e.workflow else { continue };
+            let refused = |reason: String| TargetError::Entry {
+                entry: e.name.clone(),
+                index: i,
+                reason,
+            };
+            match &engine {
+                Some(engine) => engine
+                    .register((**w).clone())
+                    .map_err(|err| refused(err.to_string()))?,
+                None => return Err(refused("no workflow engine on this pool".into())),
+            }
+        }
         let entries = mix
             .entries
             .iter()
@@ -199,12 +238,17 @@ impl Target {
                 payload: e.payload.clone(),
                 timeout: e.timeout.unwrap_or(request_timeout),
                 sandbox: e.sandbox,
+                workflow: e
+                    .workflow
+                    .as_ref()
+                    .map(|_| String::from_utf8_lossy(&e.payload).into_owned()),
             })
             .collect();
         let bus = runtime.bus();
         // The mix checked the name; a fresh pool has room for one topic.
         let topic = mix.bus.as_ref().and_then(|b| bus.topic(&b.topic).ok());
-        Target::Embedded(Embedded {
+        Ok(Target::Embedded(Embedded {
+            engine,
             agents: runtime.agent_count() as u32,
             bus,
             topic,
@@ -215,7 +259,7 @@ impl Target {
                 .unwrap_or_default(),
             entries,
             runtime,
-        })
+        }))
     }
 
     /// Load against the node at `base` (e.g. `http://127.0.0.1:9464`), or against several
@@ -260,10 +304,41 @@ impl Target {
         for node in &nodes {
             agents = agents.min(agents_of(&client, node, token.as_deref()).await?);
         }
+        for (i, e) in mix.entries.iter().enumerate() {
+            if let Some(w) = &e.workflow {
+                for node in &nodes {
+                    register_workflow(&client, node, token.as_deref(), w)
+                        .await
+                        .map_err(|reason| TargetError::Entry {
+                            entry: e.name.clone(),
+                            index: i,
+                            reason,
+                        })?;
+                }
+            }
+        }
+        let paths = mix
+            .entries
+            .iter()
+            .map(|e| match &e.workflow {
+                Some(w) => format!(
+                    "/v1/workflows/{}/executions?wait=true&wait_ms={}",
+                    w.name,
+                    e.timeout.unwrap_or(request_timeout).as_millis()
+                ),
+                None => "/v1/tasks?wait=true".to_owned(),
+            })
+            .collect();
         let bodies = mix
             .entries
             .iter()
             .map(|e| {
+                if e.workflow.is_some() {
+                    return Bytes::from(
+                        serde_json::json!({ "input": String::from_utf8_lossy(&e.payload) })
+                            .to_string(),
+                    );
+                }
                 let mut v = serde_json::json!({
                     "kind": e.target,
                     "priority": e.priority.as_str(),
@@ -289,6 +364,7 @@ impl Target {
             next: AtomicUsize::new(0),
             token,
             bodies,
+            paths,
             topic_body,
             bus_payload: mix
                 .bus
@@ -363,6 +439,9 @@ impl Target {
     /// with the node's index.
     pub async fn call_at(&self, entry: usize) -> (Class, u16) {
         match self {
+            Target::Embedded(e) if e.entries[entry].workflow.is_some() => {
+                (e.run_workflow(entry).await, 0)
+            }
             Target::Embedded(e) => match e.runtime.try_submit(e.task(entry)) {
                 Ok(handle) => (Class::of(handle.await.kind()), 0),
                 Err(r) => (class_of_submit_error(&r.error), 0),
@@ -387,27 +466,30 @@ impl Target {
             return;
         }
         match &**self {
-            Target::Embedded(e) => match e.runtime.try_submit(e.task(entry)) {
-                Ok(handle) => {
-                    sink.in_flight.fetch_add(1, Ordering::Relaxed);
-                    let sink2 = sink.clone();
-                    sink.rt.spawn(async move {
-                        let class = Class::of(handle.await.kind());
-                        sink2.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        let _ = sink2
-                            .tx
-                            .send(sink2.sample(entry, intended_ns, class, 0))
-                            .await;
-                    });
+            Target::Embedded(e) if e.entries[entry].workflow.is_none() => {
+                match e.runtime.try_submit(e.task(entry)) {
+                    Ok(handle) => {
+                        sink.in_flight.fetch_add(1, Ordering::Relaxed);
+                        let sink2 = sink.clone();
+                        sink.rt.spawn(async move {
+                            let class = Class::of(handle.await.kind());
+                            sink2.in_flight.fetch_sub(1, Ordering::Relaxed);
+                            let _ = sink2
+                                .tx
+                                .send(sink2.sample(entry, intended_ns, class, 0))
+                                .await;
+                        });
+                    }
+                    Err(r) => sink.record_blocking(sink.sample(
+                        entry,
+                        intended_ns,
+                        class_of_submit_error(&r.error),
+                        0,
+                    )),
                 }
-                Err(r) => sink.record_blocking(sink.sample(
-                    entry,
-                    intended_ns,
-                    class_of_submit_error(&r.error),
-                    0,
-                )),
-            },
-            Target::Http(_) => {
+            }
+            // A workflow's start awaits its commit to the history, so it runs as a task.
+            Target::Http(_) | Target::Embedded(_) => {
                 sink.in_flight.fetch_add(1, Ordering::Relaxed);
                 let sink2 = sink.clone();
                 let me = self.clone();
@@ -486,7 +568,31 @@ impl Embedded {
         if e.sandbox { t.sandboxed() } else { t }
     }
 
+    /// Starts entry `entry`'s workflow and waits for its end.
+    async fn run_workflow(&self, entry: usize) -> Class {
+        let e = &self.entries[entry];
+        let (Some(engine), Some(input)) = (&self.engine, &e.workflow) else {
+            return Class::Rejected(RejectReason::Invalid);
+        };
+        match engine.start(e.target, input).await {
+            Ok(id) => match engine.finished(id, e.timeout).await {
+                Ok(r) => class_of_execution(&r.status),
+                Err(_) => Class::Error,
+            },
+            Err(troupe_workflow::WorkflowError::UnknownWorkflow(_)) => {
+                Class::Rejected(RejectReason::Invalid)
+            }
+            Err(_) => Class::Error,
+        }
+    }
+
     fn refusal(&self, entry: usize) -> String {
+        if self.entries[entry].workflow.is_some() {
+            return format!(
+                "workflow `{}` is not registered",
+                self.entries[entry].target
+            );
+        }
         match self.runtime.try_submit(self.task(entry)) {
             Err(r) => r.error.to_string(),
             Ok(_) => "refused as invalid once, accepted on a second try".to_owned(),
@@ -527,6 +633,36 @@ impl Embedded {
 #[derive(Deserialize)]
 struct ErrorReply {
     error: String,
+}
+
+/// `POST /v1/workflows` of `w` to the node at `base`; why not, when refused.
+async fn register_workflow(
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    w: &troupe_workflow::Workflow,
+) -> Result<(), String> {
+    let body = serde_json::to_vec(w).map_err(|e| e.to_string())?;
+    let mut req = client
+        .post(format!("{base}/v1/workflows"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("{base}: POST /v1/workflows failed: {e}"))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    Err(format!(
+        "{base}: POST /v1/workflows answered {status}: {}",
+        String::from_utf8_lossy(&body)
+    ))
 }
 
 /// `GET /v1/agents` of the node at `base`: how many agents it has.
@@ -583,7 +719,7 @@ impl Http {
 
     async fn call(&self, entry: usize, node: usize) -> Class {
         let resp = match self
-            .post(node, "/v1/tasks?wait=true", self.bodies[entry].clone())
+            .post(node, &self.paths[entry], self.bodies[entry].clone())
             .send()
             .await
         {
@@ -591,6 +727,10 @@ impl Http {
             Err(e) => return self.transport(error_chain(&e)),
         };
         let status = resp.status().as_u16();
+        // 202 to a workflow's `?wait=true`: still running when the wait ended.
+        if status == 202 && self.paths[entry].starts_with("/v1/workflows/") {
+            return Class::Timeout;
+        }
         if status != 200 {
             let code = match status {
                 429 | 503 => resp
@@ -608,10 +748,13 @@ impl Http {
             .await
             .map(|b| serde_json::from_slice::<TaskReply>(&b))
         {
-            Ok(Ok(TaskReply { outcome: Some(o) })) => class_of_outcome(&o),
-            Ok(Ok(TaskReply { outcome: None })) => {
-                self.transport("an answer without an outcome".to_owned())
-            }
+            Ok(Ok(TaskReply {
+                outcome: Some(o), ..
+            })) => class_of_outcome(&o),
+            Ok(Ok(TaskReply {
+                status: Some(s), ..
+            })) => class_of_execution(&s),
+            Ok(Ok(_)) => self.transport("an answer without an outcome".to_owned()),
             Ok(Err(e)) => self.transport(format!("an unreadable answer: {e}")),
             Err(e) => self.transport(error_chain(&e)),
         }
@@ -625,7 +768,7 @@ impl Http {
 
     async fn refusal(&self, entry: usize) -> String {
         match self
-            .post(0, "/v1/tasks?wait=true", self.bodies[entry].clone())
+            .post(0, &self.paths[entry], self.bodies[entry].clone())
             .send()
             .await
         {

@@ -80,11 +80,9 @@ async fn an_open_loop_run_accounts_for_every_request_and_agrees_with_the_runtime
         .await
         .unwrap();
     let mix = Mix::from_toml_str(FAULTY_MIX).unwrap();
-    let target = Arc::new(Target::new_embedded(
-        runtime.handle(),
-        &mix,
-        Duration::from_secs(5),
-    ));
+    let target = Arc::new(
+        Target::new_embedded(runtime.handle(), None, &mix, Duration::from_secs(5)).unwrap(),
+    );
     target.check(&mix).await.unwrap();
     // Let the check's hang time out and its panicking agent restart before counting.
     let settled = || {
@@ -177,7 +175,8 @@ async fn a_run_whose_every_request_is_refused_fails() {
     let handle = runtime.handle();
     runtime.shutdown().await;
     let mix = Mix::from_toml_str("[[task]]\nkind = \"echo\"\nshare = 1\n").unwrap();
-    let target = Arc::new(Target::new_embedded(handle, &mix, Duration::from_secs(1)));
+    let target =
+        Arc::new(Target::new_embedded(handle, None, &mix, Duration::from_secs(1)).unwrap());
     let settings = Settings {
         mix: mix.clone(),
         policy: builtin_policy(),
@@ -458,6 +457,110 @@ fn bad_mix_and_policy_files_are_named_errors_with_exit_2() {
     let out = run_bin(d.path(), &["--ramp", "5000..100", "--quiet"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("FROM < TO"));
+}
+
+/// A three-step workflow on the small pool: `a` then `b` and `c` in parallel.
+const SMALL_WORKFLOW: &str = r#"
+name = "fan"
+[[steps]]
+name = "a"
+target = "echo"
+[[steps]]
+name = "b"
+target = "io"
+after = ["a"]
+[[steps]]
+name = "c"
+target = "echo"
+after = ["a"]
+"#;
+
+#[test]
+fn a_workflow_mix_runs_executions_against_the_embedded_pool_and_reports_them() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "fan.toml", SMALL_WORKFLOW);
+    let history = d.path().join("history.sqlite");
+    let out = run_pool_mix(
+        d.path(),
+        SMALL_POOL,
+        "[[task]]\nkind = \"echo\"\nshare = 1\n[[workflow]]\ndefinition = \"fan.toml\"\ninput = \"latency=2\"\nshare = 1\n",
+        &[
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+            "--warmup",
+            "200ms",
+            "--workflow-history",
+            history.to_str().unwrap(),
+            "--json",
+            "r.json",
+            "--quiet",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fan [workflow]"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("r.json")).unwrap()).unwrap();
+    let e = &json["entries"][1];
+    assert_eq!(
+        (e["name"].as_str(), e["kind"].as_str()),
+        (Some("fan"), Some("workflow"))
+    );
+    // Every other request of 200/s for 2 s, each an execution that succeeded.
+    assert_eq!(e["outcomes"]["offered"], 200, "{e}");
+    assert_eq!(e["outcomes"]["ok"], 200, "{e}");
+    // The executions are in the history the run was given (the check's, the warm-up's and
+    // the measured ones), each with its three steps.
+    let c = rusqlite::Connection::open(&history).unwrap();
+    let ended: u64 = c
+        .query_row(
+            "SELECT count(*) FROM executions WHERE status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(ended >= 200, "{ended}");
+    let steps: u64 = c
+        .query_row(
+            "SELECT count(*) FROM steps WHERE status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(steps, 3 * ended);
+
+    // A definition that is not there is named by its field.
+    let out = run_pool_mix(
+        d.path(),
+        SMALL_POOL,
+        "[[workflow]]\ndefinition = \"missing.toml\"\nshare = 1\n",
+        &["--quiet"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("workflow[0].definition"), "{stderr}");
+    // One the pool cannot run is refused before the run, naming the step.
+    write(
+        d.path(),
+        "bad.toml",
+        "name = \"bad\"\n[[steps]]\nname = \"x\"\ntarget = \"compute\"\n",
+    );
+    let out = run_pool_mix(
+        d.path(),
+        SMALL_POOL,
+        "[[workflow]]\ndefinition = \"bad.toml\"\nshare = 1\n",
+        &["--quiet"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("steps[0] (x).target"), "{stderr}");
 }
 
 #[test]

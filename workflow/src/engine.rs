@@ -139,6 +139,8 @@ struct Execution {
     id: u64,
     workflow: Arc<Workflow>,
     input: String,
+    /// Unix ms it first started (kept across a resume).
+    started_ms: u64,
     cancel: Notify,
     cancelled: std::sync::atomic::AtomicBool,
     seq: AtomicU64,
@@ -316,7 +318,13 @@ impl Engine {
                 .await?;
             let workflow: Workflow = serde_json::from_str(&definition)
                 .map_err(|e| WorkflowError::Store(format!("execution {id}: {e}")))?;
-            let exec = self.execution(id, Arc::new(workflow), record.input.clone(), seq);
+            let exec = self.execution(
+                id,
+                Arc::new(workflow),
+                record.input.clone(),
+                record.started_ms,
+                seq,
+            );
             let mut state: HashMap<String, StepRecord> =
                 steps.into_iter().map(|s| (s.name.clone(), s)).collect();
             for s in state.values_mut() {
@@ -393,12 +401,13 @@ impl Engine {
             .map(|w| w.value().clone())
             .ok_or_else(|| WorkflowError::UnknownWorkflow(workflow.to_owned()))?;
         let id = self.next_id.fetch_add(1, Ordering::AcqRel);
+        let started_ms = now_ms();
         let record = ExecutionRecord {
             id,
             workflow: w.name.clone(),
             status: "running".into(),
             input: input.to_owned(),
-            started_ms: now_ms(),
+            started_ms,
             ended_ms: None,
             failed_step: None,
             error: None,
@@ -415,7 +424,7 @@ impl Engine {
         committed
             .await
             .map_err(|_| WorkflowError::Store("the history writer stopped".into()))??;
-        let exec = self.execution(id, w.clone(), input.to_owned(), 0);
+        let exec = self.execution(id, w.clone(), input.to_owned(), started_ms, 0);
         self.emit(&exec, "started", None, None);
         let state = w
             .steps
@@ -436,6 +445,32 @@ impl Engine {
         exec.cancelled.store(true, Ordering::Release);
         exec.cancel.notify_one();
         Ok(())
+    }
+
+    /// Waits until execution `id` ends (or `limit` passes); its record, without its steps. While
+    /// the execution runs here this reads nothing from the store: the cheap wait, for callers
+    /// that need only how it ended (the load tester, `?wait=true`).
+    pub async fn finished(
+        &self,
+        id: u64,
+        limit: Duration,
+    ) -> Result<ExecutionRecord, WorkflowError> {
+        let rx = self.running.get(&id).map(|e| e.done.subscribe());
+        if let Some(mut rx) = rx {
+            if let Ok(Ok(r)) = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await
+                && let Some(r) = r.as_ref()
+            {
+                return Ok(r.clone());
+            }
+        }
+        // Ended before we looked, or still running at the limit: the stored record says which.
+        self.store
+            .read(move |c| {
+                store::get_execution(c, id)?
+                    .map(|(r, _)| r)
+                    .ok_or(WorkflowError::UnknownExecution(id))
+            })
+            .await
     }
 
     /// Waits until execution `id` ends (or `limit` passes); its final record.
@@ -513,6 +548,7 @@ impl Engine {
         id: u64,
         workflow: Arc<Workflow>,
         input: String,
+        started_ms: u64,
         seq: u64,
     ) -> Arc<Execution> {
         let (done, _) = tokio::sync::watch::channel(None);
@@ -525,6 +561,7 @@ impl Engine {
             id,
             workflow,
             input,
+            started_ms,
             cancel: Notify::new(),
             cancelled: false.into(),
             seq: AtomicU64::new(seq),
@@ -740,7 +777,7 @@ impl Engine {
             workflow: w.name.clone(),
             status: status.to_owned(),
             input: exec.input.clone(),
-            started_ms: 0,
+            started_ms: exec.started_ms,
             ended_ms: Some(now_ms()),
             failed_step,
             error,

@@ -296,6 +296,8 @@ enum Ack {
     Flush(oneshot::Sender<()>),
 }
 
+// The statements of every execution are prepared once per connection (rusqlite's statement
+// cache): parsing SQL was a tenth of the engine's CPU.
 fn apply(c: &Connection, op: Op, acks: &mut Vec<Ack>) -> Result<(), rusqlite::Error> {
     match op {
         Op::Start {
@@ -304,25 +306,26 @@ fn apply(c: &Connection, op: Op, acks: &mut Vec<Ack>) -> Result<(), rusqlite::Er
             steps,
             done,
         } => {
-            c.execute(
+            c.prepare_cached(
                 "INSERT OR REPLACE INTO executions(id, workflow, definition, input, status, started_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![r.id, r.workflow, definition, r.input, r.status, r.started_ms],
-            )?;
+            )?
+            .execute(params![r.id, r.workflow, definition, r.input, r.status, r.started_ms])?;
             for s in steps {
-                c.execute(
+                c.prepare_cached(
                     "INSERT OR IGNORE INTO steps(execution, name, status, attempts) VALUES (?1, ?2, 'pending', 0)",
-                    params![r.id, s],
-                )?;
+                )?
+                .execute(params![r.id, s])?;
             }
             acks.push(Ack::Start(done));
         }
         Op::Step(execution, s) => {
-            c.execute(
+            c.prepare_cached(
                 "INSERT OR REPLACE INTO steps(execution, name, status, attempts, target, agent, queue_us,
                    exec_us, started_ms, ended_ms, output, output_bytes, error)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
+            )?
+            .execute(params![
                     execution,
                     s.name,
                     s.status,
@@ -336,14 +339,14 @@ fn apply(c: &Connection, op: Op, acks: &mut Vec<Ack>) -> Result<(), rusqlite::Er
                     s.output,
                     s.output_bytes,
                     s.error
-                ],
-            )?;
+                ])?;
         }
         Op::Event(e) => {
-            c.execute(
+            c.prepare_cached(
                 "INSERT OR REPLACE INTO events(execution, seq, at_ms, elapsed_ms, kind, step, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
+            )?
+            .execute(params![
                     e.execution,
                     e.seq,
                     e.at_ms,
@@ -351,14 +354,13 @@ fn apply(c: &Connection, op: Op, acks: &mut Vec<Ack>) -> Result<(), rusqlite::Er
                     e.kind,
                     e.step,
                     e.detail
-                ],
-            )?;
+                ])?;
         }
         Op::End(r) => {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE executions SET status = ?2, ended_ms = ?3, failed_step = ?4, error = ?5 WHERE id = ?1",
-                params![r.id, r.status, r.ended_ms, r.failed_step, r.error],
-            )?;
+            )?
+            .execute(params![r.id, r.status, r.ended_ms, r.failed_step, r.error])?;
         }
         Op::Prune {
             max_age,

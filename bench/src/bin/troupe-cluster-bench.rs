@@ -23,6 +23,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use troupe_bench::cpu_seconds;
 use troupe_cluster::testing::NatsServer;
 
 #[derive(Parser)]
@@ -89,23 +90,6 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("the executable has no directory")?;
     Ok(dir.join(name))
-}
-
-/// CPU seconds (user + system) a process used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11..13).map_or(0.0, |t| {
-        t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
 }
 
 struct Node {

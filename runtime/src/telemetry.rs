@@ -127,7 +127,11 @@ impl Stripe {
         let index = index_of(nanos);
         let block = self.block(index / SUB_BUCKET_HALF);
         block[index % SUB_BUCKET_HALF].fetch_add(1, Ordering::Relaxed);
-        self.max.fetch_max(nanos, Ordering::Relaxed);
+        // `fetch_max` is a locked compare-and-swap loop even when the sample is no new
+        // maximum, which almost every sample is: look first, write only a new maximum.
+        if nanos > self.max.load(Ordering::Relaxed) {
+            self.max.fetch_max(nanos, Ordering::Relaxed);
+        }
     }
 
     /// The block at `b`, allocated on first use.

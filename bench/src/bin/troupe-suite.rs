@@ -3,7 +3,9 @@
 //! with a table per workload and SVG charts of the curves.
 //!
 //! `--quick` runs every workload once at tiny sizes (the test suite does this so a broken
-//! workload is caught); `bench/run.sh` runs the full suite.
+//! workload is caught); `bench/run.sh` runs the full suite. `--only TEXT` runs only the peer
+//! rows whose workload and system contain TEXT (`--only "request/reply troupe"`) and prints
+//! their tables: the before/after of one change.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -41,7 +43,7 @@ const FULL: Sizes = Sizes {
     tell_one: 200_000,
     tell_many: 200,
     asks: 20_000,
-    fan_rounds: 50,
+    fan_rounds: 300,
     publish: 200,
     spawn: &[1, 100, 928, 10_000],
     agents: &[1, 10, 100, 928, 10_000],
@@ -69,6 +71,13 @@ const QUICK: Sizes = Sizes {
     io_secs: 0.3,
 };
 
+/// Troupe's default mailbox bound: the bound the "(mailbox 1 024)" rows give a peer too.
+const TROUPE_MAILBOX: usize = 1024;
+
+/// `--only TEXT`: measure only the peer rows whose "workload system" contains TEXT, print
+/// their tables and write nothing (for before/after runs of one row).
+static ONLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// One measured workload: a value per repetition per system.
 struct Table {
     title: String,
@@ -95,6 +104,12 @@ impl Table {
     }
 
     fn measure(&mut self, system: &str, reps: usize, mut f: impl FnMut() -> f64) {
+        if ONLY
+            .get()
+            .is_some_and(|only| !format!("{} {system}", self.title).contains(only.as_str()))
+        {
+            return;
+        }
         eprintln!("  {:<44} {system}", self.title);
         let v = (0..reps).map(|_| f()).collect();
         self.rows.push((system.to_owned(), v));
@@ -165,6 +180,9 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
     });
     t.measure("ractor", r, || peers::ractor::tell(1, s.tell_one, 0));
     t.measure("kameo", r, || peers::kameo::tell(1, s.tell_one, 0));
+    t.measure("kameo (mailbox 1 024)", r, || {
+        peers::kameo::tell_bounded(1, s.tell_one, 0, Some(TROUPE_MAILBOX))
+    });
     out.push(t);
 
     let mut t = Table::new(
@@ -185,6 +203,9 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
     });
     t.measure("ractor", r, || peers::ractor::tell(928, s.tell_many, 0));
     t.measure("kameo", r, || peers::kameo::tell(928, s.tell_many, 0));
+    t.measure("kameo (mailbox 1 024)", r, || {
+        peers::kameo::tell_bounded(928, s.tell_many, 0, Some(TROUPE_MAILBOX))
+    });
     out.push(t);
 
     let mut asks = Table::new(
@@ -199,7 +220,14 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
         false,
         "Latency of one ask (p99 of the serial run).",
     );
+    let skip = |title: &str, system: &str| {
+        ONLY.get()
+            .is_some_and(|only| !format!("{title} {system}").contains(only.as_str()))
+    };
     let mut ask = |name: &str, f: &dyn Fn() -> peers::Latency| {
+        if skip("request/reply", name) {
+            return;
+        }
         let runs: Vec<peers::Latency> = (0..r).map(|_| f()).collect();
         eprintln!("  {:<44} {name}", "request/reply");
         asks.rows
@@ -228,6 +256,9 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
         "Latency of one whole round.",
     );
     let mut fanf = |name: &str, f: &dyn Fn() -> peers::Latency| {
+        if skip("fan-out/fan-in", name) {
+            return;
+        }
         let runs: Vec<peers::Latency> = (0..r).map(|_| f()).collect();
         eprintln!("  {:<44} {name}", "fan-out/fan-in");
         fan.rows
@@ -791,9 +822,42 @@ fn machine() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     format!(
-        "{cpu}, {cores} cores, {mem} RAM, Linux; {rustc}; release profile; every system on {} worker threads",
-        peers::THREADS
+        "{cpu}, {cores} cores, {mem} RAM, Linux; {rustc}; every system built in this one binary with the workspace's release profile ({}); every system on {} worker threads; versions: {}",
+        release_profile(),
+        peers::THREADS,
+        versions()
     )
+}
+
+/// The `[profile.release]` settings this binary was built with, read from the workspace's
+/// Cargo.toml at build time (so RESULTS.md cannot state a profile it was not built with).
+fn release_profile() -> String {
+    let toml = include_str!("../../../Cargo.toml");
+    let Some(at) = toml.find("[profile.release]") else {
+        return "Cargo defaults".into();
+    };
+    toml[at + "[profile.release]".len()..]
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The versions of the systems compared, from the Cargo.lock this binary was built against.
+fn versions() -> String {
+    let lock = include_str!("../../../Cargo.lock");
+    let version = |name: &str| {
+        let needle = format!("name = \"{name}\"\nversion = \"");
+        lock.find(&needle).map_or("?".to_owned(), |i| {
+            let rest = &lock[i + needle.len()..];
+            rest[..rest.find('"').unwrap_or(0)].to_owned()
+        })
+    };
+    ["tokio", "actix", "actix-rt", "ractor", "kameo"]
+        .map(|n| format!("{n} {}", version(n)))
+        .join(", ")
 }
 
 fn table_md(out: &mut String, t: &Table) {
@@ -834,6 +898,64 @@ fn table_md(out: &mut String, t: &Table) {
     );
 }
 
+/// The README's marker pair around the generated summary.
+const SUMMARY_BEGIN: &str = "<!-- bench-summary: written by bench/run.sh -->";
+const SUMMARY_END: &str = "<!-- /bench-summary -->";
+
+/// One sentence per headline workload: Troupe's median against each peer's, from `tables`.
+fn summary_md(tables: &[Table], seconds: f64) -> String {
+    let mut out = format!(
+        "Against its peers on the same 2-core machine (the last `bench/run.sh`, {seconds:.0} s; \
+         medians, full tables with spreads in [bench/RESULTS.md](bench/RESULTS.md)):"
+    );
+    let headline = [
+        "tell → 928 actors",
+        "request/reply, serial",
+        "request/reply p99",
+        "fan-out/fan-in p99",
+        "publish → 928 subscribers",
+        "spawn 928 actors",
+    ];
+    let mut parts = Vec::new();
+    for title in headline {
+        let Some(t) = tables.iter().find(|t| t.title == title) else {
+            continue;
+        };
+        let Some((_, first)) = t.rows.first() else {
+            continue;
+        };
+        let peers: Vec<String> = t
+            .rows
+            .iter()
+            .skip(1)
+            .filter(|(name, _)| !name.starts_with("troupe"))
+            .map(|(name, v)| format!("{name} {}", fmt(median(v))))
+            .collect();
+        parts.push(format!(
+            "- {title} ({}): Troupe **{}**; {}",
+            t.unit,
+            fmt(median(first)),
+            peers.join(", ")
+        ));
+    }
+    out.push_str("\n\n");
+    out.push_str(&parts.join("\n"));
+    out
+}
+
+/// Replaces what lies between the summary markers of `readme` with `summary`.
+fn splice_readme(readme: &Path, summary: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(readme).map_err(|e| e.to_string())?;
+    let (Some(a), Some(b)) = (text.find(SUMMARY_BEGIN), text.find(SUMMARY_END)) else {
+        return Err(format!("no {SUMMARY_BEGIN} … {SUMMARY_END} markers"));
+    };
+    if b < a {
+        return Err("the markers are out of order".into());
+    }
+    let new = format!("{}{SUMMARY_BEGIN}\n{summary}\n{}", &text[..a], &text[b..]);
+    std::fs::write(readme, new).map_err(|e| e.to_string())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--rss") {
@@ -845,6 +967,19 @@ fn main() {
         // Only the queue-wait table, printed: for before/after runs of a scheduling change.
         let mut md = String::new();
         table_md(&mut md, &saturation_table(9));
+        print!("{md}");
+        return;
+    }
+    if let Some(only) = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+    {
+        let _ = ONLY.set(only.clone());
+        let mut md = String::new();
+        for t in peer_tables(FULL).iter().filter(|t| !t.rows.is_empty()) {
+            table_md(&mut md, t);
+        }
         print!("{md}");
         return;
     }
@@ -890,18 +1025,12 @@ fn main() {
     for t in &peer {
         table_md(&mut md, t);
     }
-    md.push_str("### Mailbox full\n\nA bounded mailbox of 1 000 (where the system has bounds), a consumer spending 20 µs per message, 10 000 sends as fast as the sender can.\n\n| system / call | sent | handled | refused | dropped | queued when sends ended | send time (ms) | behaviour |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    md.push_str("### Mailbox full\n\nA bounded mailbox of 1 000 (where the system has bounds), a consumer spending 20 µs per message, 10 000 sends as fast as the sender can. Measured the same way for every system: *handled* is the handler's own count after a final `fin`; *queued when sends ended* is what was accepted (sent − refused − dropped) less what the handler had counted at that moment.\n\n| system / call | sent | handled | refused | dropped | queued when sends ended | send time (ms) | behaviour |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for (name, m) in &mailbox {
         let _ = writeln!(
             md,
             "| {name} | {} | {} | {} | {} | {} | {:.1} | {} |",
-            m.sent,
-            m.handled,
-            m.refused,
-            m.dropped,
-            m.peak_queued.map_or("—".into(), |q| q.to_string()),
-            m.send_ms,
-            m.behaviour
+            m.sent, m.handled, m.refused, m.dropped, m.queued_at_end, m.send_ms, m.behaviour
         );
     }
     md.push_str("\n## Troupe-only workloads\n\n");
@@ -931,6 +1060,14 @@ fn main() {
     if let Err(e) = std::fs::write(&path, md) {
         eprintln!("writing {}: {e}", path.display());
         std::process::exit(1);
+    }
+    // The main README's peer lines come from this same run, never copied by hand. A quick run
+    // is no figure to quote, and a run written elsewhere leaves the README alone.
+    if !quick && out_dir == Path::new("bench") {
+        let summary = summary_md(&peer, started.elapsed().as_secs_f64());
+        if let Err(e) = splice_readme(Path::new("README.md"), &summary) {
+            eprintln!("README.md summary: {e}");
+        }
     }
     eprintln!(
         "troupe-suite: wrote {} in {:.0} s",

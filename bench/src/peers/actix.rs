@@ -289,7 +289,7 @@ pub fn mailbox_full(mode: &str) -> MailboxFull {
             refused,
             dropped: 0,
             send_ms,
-            peak_queued: Some(queued),
+            queued_at_end: queued,
             behaviour: behaviour.to_owned(),
         }
     })

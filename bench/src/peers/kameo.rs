@@ -1,6 +1,6 @@
-//! The workloads on kameo 0.17, as its docs write them: `Actor` plus `Message<T>` per message
-//! type, `tell(..).send().await` and `ask(..).send().await`, spawned with the default bounded
-//! mailbox (64) unless a workload sets one.
+//! The workloads on kameo 0.22, as its docs write them: `Actor` plus `Message<T>` per message
+//! type, `tell(..).await` and `ask(..).await` (the requests are `IntoFuture`), spawned with
+//! `Spawn::spawn` and its default bounded mailbox (64) unless a workload sets one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use kameo::actor::{Actor, ActorRef};
+use kameo::actor::{Actor, ActorRef, Spawn};
 use kameo::error::Infallible;
 use kameo::mailbox;
 use kameo::message::{Context, Message};
@@ -84,8 +84,19 @@ fn start(
 
 /// `n` sinks that do no work, default mailbox, and their burst counter.
 fn plain(n: usize) -> (Arc<Done>, Vec<ActorRef<Sink>>) {
+    plain_bounded(n, None)
+}
+
+/// `n` sinks with a mailbox of `bound` (kameo's default, 64, when `None`).
+fn plain_bounded(n: usize, bound: Option<usize>) -> (Arc<Done>, Vec<ActorRef<Sink>>) {
     let done = Done::shared();
-    let sinks = start(n, &done, Duration::ZERO, &Arc::new(AtomicU64::new(0)), None);
+    let sinks = start(
+        n,
+        &done,
+        Duration::ZERO,
+        &Arc::new(AtomicU64::new(0)),
+        bound,
+    );
     (done, sinks)
 }
 
@@ -95,20 +106,25 @@ async fn stop_all(v: &[ActorRef<Sink>]) {
     }
 }
 
-/// Tell throughput with `tell(..).send().await` (waits for mailbox room, not for handling).
+/// Tell throughput with `tell(..).await` (waits for mailbox room, not for handling).
 pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
+    tell_bounded(actors, per_actor, payload, None)
+}
+
+/// [`tell`] with every mailbox bounded at `bound` (to compare at Troupe's default of 1 024).
+pub fn tell_bounded(actors: usize, per_actor: u64, payload: usize, bound: Option<usize>) -> f64 {
     super::tokio_rt().block_on(async {
-        let (done, sinks) = plain(actors);
+        let (done, sinks) = plain_bounded(actors, bound);
         let p = Bytes::from(vec![b'x'; payload]);
         let burst = async |per: u64| {
             done.arm(actors as u64);
             for _ in 0..per {
                 for s in &sinks {
-                    s.tell(Tell(p.clone())).send().await.expect("tell");
+                    s.tell(Tell(p.clone())).await.expect("tell");
                 }
             }
             for s in &sinks {
-                s.tell(Fin).send().await.expect("tell");
+                s.tell(Fin).await.expect("tell");
             }
             done.wait().await;
         };
@@ -121,13 +137,13 @@ pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
     })
 }
 
-/// Serial `ask(..).send().await` to one actor.
+/// Serial `ask(..).await` to one actor.
 pub fn ask_serial(n: u64, payload: usize) -> Latency {
     super::tokio_rt().block_on(async {
         let (_, sinks) = plain(1);
         let p = Bytes::from(vec![b'x'; payload]);
         let l = super::timed_ops(n, || async {
-            sinks[0].ask(Ask(p.clone())).send().await.expect("ask");
+            sinks[0].ask(Ask(p.clone())).await.expect("ask");
         })
         .await;
         stop_all(&sinks).await;
@@ -141,7 +157,7 @@ pub fn fan_out(actors: usize, rounds: u64) -> Latency {
         let (_, sinks) = plain(actors);
         let p = Bytes::from_static(b"q");
         let l = super::timed_ops(rounds, || async {
-            let r = join_all(sinks.iter().map(|a| a.ask(Ask(p.clone())).send())).await;
+            let r = join_all(sinks.iter().map(|a| a.ask(Ask(p.clone())).into_future())).await;
             assert!(r.iter().all(Result::is_ok));
         })
         .await;
@@ -159,12 +175,12 @@ pub fn publish(subscribers: usize, messages: u64) -> f64 {
         let t = Instant::now();
         for _ in 0..messages {
             for s in &sinks {
-                s.tell(Tell(p.clone())).send().await.expect("tell");
+                s.tell(Tell(p.clone())).await.expect("tell");
             }
         }
         done.arm(subscribers as u64);
         for s in &sinks {
-            s.tell(Fin).send().await.expect("tell");
+            s.tell(Fin).await.expect("tell");
         }
         done.wait().await;
         let r = (messages * subscribers as u64) as f64 / t.elapsed().as_secs_f64();
@@ -205,12 +221,13 @@ pub fn mailbox_full(try_send: bool) -> MailboxFull {
                     refused += 1;
                 }
             } else {
-                sinks[0].tell(m).send().await.expect("tell");
+                sinks[0].tell(m).await.expect("tell");
             }
         }
         let send_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let queued = MAILBOX_SENDS - refused - handled.load(Ordering::Relaxed);
         done.arm(1);
-        sinks[0].tell(Fin).send().await.expect("tell");
+        sinks[0].tell(Fin).await.expect("tell");
         done.wait().await;
         stop_all(&sinks).await;
         MailboxFull {
@@ -219,11 +236,11 @@ pub fn mailbox_full(try_send: bool) -> MailboxFull {
             refused,
             dropped: 0,
             send_ms,
-            peak_queued: Some(MAILBOX_BOUND as u64),
+            queued_at_end: queued,
             behaviour: if try_send {
                 "`tell(..).try_send()` fails with `SendError::MailboxFull` at the bound".to_owned()
             } else {
-                "`tell(..).send().await` waits for room: nothing lost, the queue stays at the bound"
+                "`tell(..).await` waits for room: nothing lost, the queue stays at the bound"
                     .to_owned()
             },
         }
@@ -254,7 +271,7 @@ struct Sum(u64);
 impl Node {
     async fn finish(&mut self, ctx: &Context<Self, ()>, v: u64) {
         if let Some(p) = self.parent.take() {
-            let _ = p.tell(Sum(v)).send().await;
+            let _ = p.tell(Sum(v)).await;
         }
         if let Some(r) = self.root.take() {
             let _ = r.send(v);
@@ -284,7 +301,6 @@ impl Message<Go> for Node {
                     num: g.num + i * child,
                     size: child,
                 })
-                .send()
                 .await;
         }
     }
@@ -317,7 +333,6 @@ pub fn skynet() -> f64 {
             num: 0,
             size: SKYNET_LEAVES,
         })
-        .send()
         .await
         .expect("tell");
         let sum = rx.await.expect("skynet answers");

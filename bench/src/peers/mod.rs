@@ -107,7 +107,7 @@ impl Latency {
 pub struct MailboxFull {
     /// Messages the driver tried to send.
     pub sent: u64,
-    /// Messages the actor handled.
+    /// Messages the actor handled, counted by its handler.
     pub handled: u64,
     /// Sends refused with an error.
     pub refused: u64,
@@ -115,8 +115,9 @@ pub struct MailboxFull {
     pub dropped: u64,
     /// Time for the driver to get through its sends, ms.
     pub send_ms: f64,
-    /// Most messages queued at once, if the system lets us see it (else the bound).
-    pub peak_queued: Option<u64>,
+    /// Messages accepted but not yet handled when the sends ended, measured the same way for
+    /// every system: accepted (sent − refused − dropped) less the handler's count at that moment.
+    pub queued_at_end: u64,
     /// What happened, in words.
     pub behaviour: String,
 }

@@ -221,7 +221,7 @@ pub fn mailbox_full() -> MailboxFull {
             refused: 0,
             dropped: 0,
             send_ms,
-            peak_queued: Some(queued),
+            queued_at_end: queued,
             behaviour: "no bound to set: mailboxes are unbounded, every `cast` succeeds and the queue grows with the backlog".to_owned(),
         }
     })

@@ -50,38 +50,48 @@ fn completed_ok(node: &Node) -> u64 {
         .sum()
 }
 
+/// The node as a load target, its mix checked against it.
+async fn checked_target(node: &Node, mix: &Mix) -> Arc<Target> {
+    let target = Target::new_http(
+        &format!("http://{}", node.addr),
+        None,
+        mix,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    target.check(mix).await.unwrap();
+    Arc::new(target)
+}
+
+/// Open loop at `rate` for 2 s, no warm-up, with `bus_rate` bus messages/s.
+fn two_seconds_at(mix: &Mix, rate: f64, bus_rate: f64) -> Settings {
+    Settings {
+        mix: mix.clone(),
+        policy: builtin_policy(),
+        policy_source: "built-in".into(),
+        plan: Plan {
+            mode: Mode::Open { rate },
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(2),
+            bus_rate,
+            max_in_flight: 10_000,
+            drain: Duration::from_secs(20),
+            progress: Progress::Quiet,
+        },
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_drives_the_real_node_over_http() {
     let d = tempfile::tempdir().unwrap();
     let node = tokio::task::block_in_place(|| Node::start(d.path(), ""));
     let mix = Mix::from_toml_str(MIX).unwrap();
-    let target = Target::new_http(
-        &format!("http://{}", node.addr),
-        None,
-        &mix,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let target = checked_target(&node, &mix).await;
     assert_eq!(target.agents(), 928);
-    let target = Arc::new(target);
-    target.check(&mix).await.unwrap();
     let before = tokio::task::block_in_place(|| completed_ok(&node));
 
-    let settings = Settings {
-        mix: mix.clone(),
-        policy: builtin_policy(),
-        policy_source: "built-in".into(),
-        plan: Plan {
-            mode: Mode::Open { rate: 300.0 },
-            warmup: Duration::ZERO,
-            duration: Duration::from_secs(2),
-            bus_rate: 200.0,
-            max_in_flight: 10_000,
-            drain: Duration::from_secs(20),
-            progress: Progress::Quiet,
-        },
-    };
+    let settings = two_seconds_at(&mix, 300.0, 200.0);
     let report = run_once(target.clone(), &settings).await;
     let t = &report.tasks.outcomes;
     assert_eq!(t.offered, 600, "300/s for 2 s: {t:?}");
@@ -135,30 +145,8 @@ async fn a_workflow_mix_registers_its_definition_and_runs_executions_on_the_node
     )
     .unwrap();
     let mix = Mix::from_file(&mix_path).unwrap();
-    let target = Target::new_http(
-        &format!("http://{}", node.addr),
-        None,
-        &mix,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    let target = Arc::new(target);
-    target.check(&mix).await.unwrap();
-    let settings = Settings {
-        mix: mix.clone(),
-        policy: builtin_policy(),
-        policy_source: "built-in".into(),
-        plan: Plan {
-            mode: Mode::Open { rate: 100.0 },
-            warmup: Duration::ZERO,
-            duration: Duration::from_secs(2),
-            bus_rate: 0.0,
-            max_in_flight: 10_000,
-            drain: Duration::from_secs(20),
-            progress: Progress::Quiet,
-        },
-    };
+    let target = checked_target(&node, &mix).await;
+    let settings = two_seconds_at(&mix, 100.0, 0.0);
     let report = run_once(target.clone(), &settings).await;
     let t = &report.tasks.outcomes;
     assert_eq!((t.offered, t.ok), (200, 200), "{t:?}");

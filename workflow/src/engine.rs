@@ -574,6 +574,18 @@ impl Engine {
     }
 
     fn emit(&self, exec: &Execution, kind: &str, step: Option<&str>, detail: Option<String>) {
+        let e = self.record(exec, kind, step, detail);
+        let _ = self.events.send(e);
+    }
+
+    /// Numbers, counts and stores an event (and posts an escalation), without streaming it.
+    fn record(
+        &self,
+        exec: &Execution,
+        kind: &str,
+        step: Option<&str>,
+        detail: Option<String>,
+    ) -> Event {
         if let Some(m) = &exec.metrics {
             match kind {
                 "warned" => m.warnings.increment(1),
@@ -603,7 +615,7 @@ impl Engine {
             }
         }
         self.store.send(Op::Event(e.clone()));
-        let _ = self.events.send(e);
+        e
     }
 
     fn spawn(self: &Arc<Self>, exec: Arc<Execution>, state: HashMap<String, StepRecord>) {
@@ -615,8 +627,10 @@ impl Engine {
                 m.finished(&record.status);
                 m.execution_duration.record(exec.epoch.elapsed());
             }
+            // `finished` goes out only once the execution's record, its steps and the event
+            // itself are committed: whoever reads the history on seeing it finds it ended.
             me.store.send(Op::End(record.clone()));
-            me.emit(
+            let finished = me.record(
                 &exec,
                 "finished",
                 None,
@@ -626,6 +640,7 @@ impl Engine {
                 }),
             );
             me.store.flush().await;
+            let _ = me.events.send(finished);
             me.running.remove(&exec.id);
             let _ = exec.done.send(Some(record));
         });

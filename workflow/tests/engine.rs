@@ -752,3 +752,34 @@ async fn the_engines_webhook_serves_workflows_without_their_own_and_bad_urls_are
     assert!(refused.contains("escalation_webhook"), "{refused}");
     p.runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoever_sees_finished_finds_the_execution_ended_in_the_history() {
+    let d = tempfile::tempdir().unwrap();
+    let p = pool(&d.path().join("h.sqlite"), EngineConfig::default()).await;
+    p.engine
+        .register(
+            Workflow::new("quick")
+                .step(Step::new("a", "tag"))
+                .step(Step::new("b", "upper").after(["a"])),
+        )
+        .unwrap();
+    let mut events = p.engine.subscribe();
+    // Many short executions, each read back the moment its `finished` arrives: the race the
+    // terminal client (`troupe workflow run`) lost when the event went out before the commit.
+    for _ in 0..50 {
+        let id = p.engine.start("quick", "x").await.unwrap();
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.execution == id && e.kind == "finished" {
+                break;
+            }
+        }
+        let v = p.engine.get(id).await.unwrap();
+        assert_eq!(v.execution.status, "succeeded", "{v:?}");
+        assert!(v.steps.iter().all(|s| s.status == "succeeded"), "{v:?}");
+        let stored = p.engine.events(id).await.unwrap();
+        assert_eq!(stored.last().map(|e| e.kind.as_str()), Some("finished"));
+    }
+    p.runtime.shutdown().await;
+}

@@ -4,8 +4,9 @@
 //!
 //! `--quick` runs every workload once at tiny sizes (the test suite does this so a broken
 //! workload is caught); `bench/run.sh` runs the full suite. `--only TEXT` runs only the peer
-//! rows whose workload and system contain TEXT (`--only "request/reply troupe"`) and prints
-//! their tables: the before/after of one change.
+//! rows whose "workload system|" contains TEXT (`--only "request/reply troupe"`; a trailing
+//! `|` anchors the system's end: `--only "actors troupe|"` leaves out "troupe (telemetry
+//! off)") and prints their tables: the before/after of one change.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -106,7 +107,7 @@ impl Table {
     fn measure(&mut self, system: &str, reps: usize, mut f: impl FnMut() -> f64) {
         if ONLY
             .get()
-            .is_some_and(|only| !format!("{} {system}", self.title).contains(only.as_str()))
+            .is_some_and(|only| !format!("{} {system}|", self.title).contains(only.as_str()))
         {
             return;
         }
@@ -222,7 +223,7 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
     );
     let skip = |title: &str, system: &str| {
         ONLY.get()
-            .is_some_and(|only| !format!("{title} {system}").contains(only.as_str()))
+            .is_some_and(|only| !format!("{title} {system}|").contains(only.as_str()))
     };
     let mut ask = |name: &str, f: &dyn Fn() -> peers::Latency| {
         if skip("request/reply", name) {

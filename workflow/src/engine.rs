@@ -455,13 +455,8 @@ impl Engine {
         id: u64,
         limit: Duration,
     ) -> Result<ExecutionRecord, WorkflowError> {
-        let rx = self.running.get(&id).map(|e| e.done.subscribe());
-        if let Some(mut rx) = rx {
-            if let Ok(Ok(r)) = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await
-                && let Some(r) = r.as_ref()
-            {
-                return Ok(r.clone());
-            }
+        if let Some(r) = self.until_done(id, limit).await {
+            return Ok(r);
         }
         // Ended before we looked, or still running at the limit: the stored record says which.
         self.store
@@ -475,11 +470,16 @@ impl Engine {
 
     /// Waits until execution `id` ends (or `limit` passes); its final record.
     pub async fn wait(&self, id: u64, limit: Duration) -> Result<ExecutionView, WorkflowError> {
-        let rx = self.running.get(&id).map(|e| e.done.subscribe());
-        if let Some(mut rx) = rx {
-            let _ = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
-        }
+        self.until_done(id, limit).await;
         self.get(id).await
+    }
+
+    /// Waits for execution `id` to end here, up to `limit`: its final record, or `None` when it
+    /// was not running here (ended before, or another process's) or the limit came first.
+    async fn until_done(&self, id: u64, limit: Duration) -> Option<ExecutionRecord> {
+        let mut rx = self.running.get(&id).map(|e| e.done.subscribe())?;
+        let done = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
+        done.ok()?.ok()?.as_ref().cloned()
     }
 
     /// One execution with its steps and progress.

@@ -79,6 +79,12 @@ const TROUPE_MAILBOX: usize = 1024;
 /// their tables and write nothing (for before/after runs of one row).
 static ONLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// Whether `--only` leaves out the row of `system` in workload `title`.
+fn skipped(title: &str, system: &str) -> bool {
+    ONLY.get()
+        .is_some_and(|only| !format!("{title} {system}|").contains(only.as_str()))
+}
+
 /// One measured workload: a value per repetition per system.
 struct Table {
     title: String,
@@ -105,10 +111,7 @@ impl Table {
     }
 
     fn measure(&mut self, system: &str, reps: usize, mut f: impl FnMut() -> f64) {
-        if ONLY
-            .get()
-            .is_some_and(|only| !format!("{} {system}|", self.title).contains(only.as_str()))
-        {
+        if skipped(&self.title, system) {
             return;
         }
         eprintln!("  {:<44} {system}", self.title);
@@ -221,12 +224,8 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
         false,
         "Latency of one ask (p99 of the serial run).",
     );
-    let skip = |title: &str, system: &str| {
-        ONLY.get()
-            .is_some_and(|only| !format!("{title} {system}|").contains(only.as_str()))
-    };
     let mut ask = |name: &str, f: &dyn Fn() -> peers::Latency| {
-        if skip("request/reply", name) {
+        if skipped("request/reply", name) {
             return;
         }
         let runs: Vec<peers::Latency> = (0..r).map(|_| f()).collect();
@@ -257,7 +256,7 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
         "Latency of one whole round.",
     );
     let mut fanf = |name: &str, f: &dyn Fn() -> peers::Latency| {
-        if skip("fan-out/fan-in", name) {
+        if skipped("fan-out/fan-in", name) {
             return;
         }
         let runs: Vec<peers::Latency> = (0..r).map(|_| f()).collect();

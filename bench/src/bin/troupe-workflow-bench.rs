@@ -95,7 +95,8 @@ impl Way {
     }
 }
 
-struct Result {
+/// What one way of running measured.
+struct Figures {
     per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -104,7 +105,7 @@ struct Result {
     failed: u64,
 }
 
-async fn measure(way: Way, args: &Args) -> Result {
+async fn measure(way: Way, args: &Args) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -145,7 +146,7 @@ async fn measure(way: Way, args: &Args) -> Result {
         }
     }
     let n = all.len().max(1) as f64;
-    Result {
+    Figures {
         per_s: all.len() as f64 / elapsed,
         p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
@@ -155,7 +156,7 @@ async fn measure(way: Way, args: &Args) -> Result {
     }
 }
 
-fn row(name: &str, r: &Result) {
+fn row(name: &str, r: &Figures) {
     println!(
         "{name:<22} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>14.0} {:>7}",
         r.per_s, r.p50_ms, r.p99_ms, r.max_ms, r.cpu_us, r.failed

@@ -20,6 +20,7 @@
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crossbeam_queue::SegQueue;
+use once_cell::race::OnceBox;
 
 use crate::bound::{ShareGuard, Shares};
 use crate::priority::{PerPriority, Priority};
@@ -33,15 +34,19 @@ struct Level {
 
 /// The queues of one capability or one agent, plus the agents idle on it.
 pub(crate) struct WorkGroup {
-    levels: [Level; Priority::COUNT],
+    /// Allocated by the first push: a level is a cache-padded queue (about 2 KB for the five),
+    /// and most agents' own groups never see a task, so a pool of idle agents starts without
+    /// touching that memory. Set once, without a lock (a racing first push frees its copy).
+    levels: OnceBox<[Level; Priority::COUNT]>,
     /// Idle agents to wake, packed as `(agent index << 8) | position of this group in the
     /// agent's group list`. Each agent appears at most once (see `AgentSlot::in_idle`).
     idle: SegQueue<u64>,
     /// Members not stopped (starting, running or restarting): while 0, nobody will ever take
     /// a task queued here.
     live: AtomicUsize,
-    /// Its share of each priority's queue: tasks queued or running, against a bound.
-    shares: std::sync::Arc<Shares>,
+    /// Its share of each priority's queue: tasks queued or running, against a bound. `None`
+    /// when no level is bounded (one capability: nothing to share), which costs nothing.
+    shares: Option<std::sync::Arc<Shares>>,
 }
 
 impl WorkGroup {
@@ -49,14 +54,13 @@ impl WorkGroup {
     /// (`usize::MAX`: no bound).
     pub(crate) fn new(share: [usize; Priority::COUNT]) -> Self {
         WorkGroup {
-            levels: std::array::from_fn(|_| Level {
-                queue: SegQueue::new(),
-                len: AtomicUsize::new(0),
-                skips: AtomicU32::new(0),
-            }),
+            levels: OnceBox::new(),
             idle: SegQueue::new(),
             live: AtomicUsize::new(0),
-            shares: std::sync::Arc::new(Shares::new(share)),
+            shares: share
+                .iter()
+                .any(|&b| b != usize::MAX)
+                .then(|| std::sync::Arc::new(Shares::new(share))),
         }
     }
 
@@ -64,7 +68,10 @@ impl WorkGroup {
     /// `None` when no share applies (nothing to give back).
     #[inline]
     pub(crate) fn take_share(&self, p: Priority) -> Result<Option<ShareGuard>, (usize, usize)> {
-        self.shares.take(p)
+        match &self.shares {
+            Some(shares) => shares.take(p),
+            None => Ok(None),
+        }
     }
 
     /// Counts a member coming to life (or joining, at start).
@@ -88,7 +95,14 @@ impl WorkGroup {
     /// Queues a task. The caller has reserved its slot in admission and wakes an agent after.
     #[inline]
     pub(crate) fn push(&self, task: QueuedTask) {
-        let level = &self.levels[task.priority.index()];
+        let levels = self.levels.get_or_init(|| {
+            Box::new(std::array::from_fn(|_| Level {
+                queue: SegQueue::new(),
+                len: AtomicUsize::new(0),
+                skips: AtomicU32::new(0),
+            }))
+        });
+        let level = &levels[task.priority.index()];
         level.queue.push(task);
         level.len.fetch_add(1, Ordering::SeqCst);
     }
@@ -96,9 +110,12 @@ impl WorkGroup {
     /// The most urgent non-empty level, if any.
     #[inline]
     pub(crate) fn first_nonempty(&self) -> Option<usize> {
-        self.levels
-            .iter()
-            .position(|l| l.len.load(Ordering::SeqCst) > 0)
+        Self::first_in(self.levels.get()?)
+    }
+
+    #[inline]
+    fn first_in(levels: &[Level; Priority::COUNT]) -> Option<usize> {
+        levels.iter().position(|l| l.len.load(Ordering::SeqCst) > 0)
     }
 
     /// True if no task is queued here.
@@ -110,12 +127,13 @@ impl WorkGroup {
     /// Takes the next task by priority: critical strictly first, then the starvation guard.
     pub(crate) fn pop(&self, limits: &PerPriority<u32>) -> Option<QueuedTask> {
         const CRITICAL: usize = Priority::Critical.index();
+        let levels = self.levels.get()?;
         loop {
-            let first = self.first_nonempty()?;
+            let first = Self::first_in(levels)?;
             if first == CRITICAL {
                 // Strict: no guard overtakes critical work, and serving it is not "passing
                 // over" the levels below (their turn is owed among non-critical picks).
-                let level = &self.levels[CRITICAL];
+                let level = &levels[CRITICAL];
                 let Some(task) = level.queue.pop() else {
                     std::hint::spin_loop();
                     continue;
@@ -126,11 +144,11 @@ impl WorkGroup {
             // A passed-over lower level that reached its limit goes first.
             let chosen = (first + 1..Priority::COUNT)
                 .find(|&i| {
-                    self.levels[i].len.load(Ordering::Relaxed) > 0
-                        && self.levels[i].skips.load(Ordering::Relaxed) >= limits.0[i]
+                    levels[i].len.load(Ordering::Relaxed) > 0
+                        && levels[i].skips.load(Ordering::Relaxed) >= limits.0[i]
                 })
                 .unwrap_or(first);
-            let level = &self.levels[chosen];
+            let level = &levels[chosen];
             let Some(task) = level.queue.pop() else {
                 // Another agent took it between the length check and the pop.
                 std::hint::spin_loop();
@@ -138,7 +156,7 @@ impl WorkGroup {
             };
             level.len.fetch_sub(1, Ordering::SeqCst);
             level.skips.store(0, Ordering::Relaxed);
-            for lower in &self.levels[chosen + 1..] {
+            for lower in &levels[chosen + 1..] {
                 if lower.len.load(Ordering::Relaxed) > 0 {
                     lower.skips.fetch_add(1, Ordering::Relaxed);
                 }
@@ -149,7 +167,7 @@ impl WorkGroup {
 
     /// Takes any queued task regardless of fairness (used to cancel everything at shutdown).
     pub(crate) fn pop_any(&self) -> Option<QueuedTask> {
-        for level in &self.levels {
+        for level in self.levels.get()? {
             if let Some(task) = level.queue.pop() {
                 level.len.fetch_sub(1, Ordering::SeqCst);
                 return Some(task);

@@ -29,7 +29,7 @@ use crate::pool::Pool;
 use crate::sandbox::jobs::LaneSpawnFn;
 use crate::sandbox::lanes::Sandbox;
 use crate::sandbox::model::{Policies, SandboxPolicy};
-use crate::supervisor::{SpawnFn, Start, Supervision};
+use crate::supervisor::{ExitTo, SpawnFn, Start, Supervision};
 use crate::task::{Outcome, OutcomeKind};
 use crate::worker;
 
@@ -112,7 +112,9 @@ impl RuntimeBuilder {
         let f = factory.clone();
         let pool = Arc::new(move |core: Arc<Core>| -> SpawnFn {
             let f = f.clone();
-            Arc::new(move |start: Start| worker::run(f.clone(), core.clone(), start).boxed())
+            Arc::new(move |start: Start, exit: ExitTo| {
+                tokio::spawn(exit.report(worker::run(f.clone(), core.clone(), start)));
+            })
         });
         let lane = Arc::new(move |core: std::sync::Weak<Core>| -> LaneSpawnFn {
             let f = factory.clone();

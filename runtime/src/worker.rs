@@ -42,11 +42,17 @@ pub(crate) async fn run<F: AgentFactory>(
     core: Arc<Core>,
     start: Start,
 ) -> ExitReason {
-    let index = start.index;
+    // Taken apart at once, so the future does not keep `start` whole beside its parts.
+    let Start {
+        index,
+        cause,
+        delay,
+        started,
+    } = start;
     let slot = core.pool().slot(index);
-    if !start.delay.is_zero() {
+    if !delay.is_zero() {
         slot.set_state(AgentState::Restarting);
-        tokio::time::sleep(start.delay).await;
+        tokio::time::sleep(delay).await;
     }
     slot.set_state(AgentState::Starting);
     slot.set_down(false);
@@ -54,11 +60,15 @@ pub(crate) async fn run<F: AgentFactory>(
     slot.set_liveness(Liveness::Healthy);
     let began = Instant::now();
     let ctx = AgentContext::for_agent(RuntimeHandle::internal(core.clone()), slot.spec());
-    let mut spec = slot.spec().clone();
-    spec.restarts = slot.restarts();
-
     let mut agent = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-        panics::in_agent(index, || factory.build(&spec))
+        panics::in_agent(index, || match slot.restarts() {
+            // The slot's own spec says 0 restarts: no copy for a first start.
+            0 => factory.build(slot.spec()),
+            restarts => factory.build(&AgentSpec {
+                restarts,
+                ..slot.spec().clone()
+            }),
+        })
     })) {
         Ok(Ok(agent)) => agent,
         Ok(Err(e)) => return ExitReason::StartFailed(e.to_string()),
@@ -72,7 +82,7 @@ pub(crate) async fn run<F: AgentFactory>(
         Ok(Err(e)) => return ExitReason::StartFailed(e.to_string()),
         Err(p) => return ExitReason::Panicked(panic_message(p.as_ref())),
     }
-    if let Some(cause) = &start.cause {
+    if let Some(cause) = &cause {
         match AssertUnwindSafe(Guarded::new(agent.on_restart(&ctx, cause), index, 0))
             .catch_unwind()
             .await
@@ -88,11 +98,15 @@ pub(crate) async fn run<F: AgentFactory>(
     if slot.record_start() {
         core.supervision().first_start_finished(index, None);
     }
-    if let Some(started) = start.started {
+    if let Some(started) = started {
         let _ = started.send(());
     }
 
-    let exit = serve(&mut agent, &ctx, &core, slot, incarnation).await;
+    // Until its first work arrives the agent waits here, in this small future. The loop that
+    // handles work holds the handler futures (a few KB) and is allocated once, when work
+    // comes: a pool of agents starts, and idles, without that memory.
+    until_work(slot, core.bus(), index).await;
+    let exit = Box::pin(serve(&mut agent, &ctx, &core, slot, incarnation)).await;
     if exit == ExitReason::Stopped {
         // A panicking stop hook still counts as a clean stop: the agent was leaving anyway.
         let _ = AssertUnwindSafe(Guarded::new(agent.on_stop(&ctx), index, 0))
@@ -100,6 +114,22 @@ pub(crate) async fn run<F: AgentFactory>(
             .await;
     }
     exit
+}
+
+/// Parks until the agent has mail, work or a stop request (or is woken for any other
+/// reason: [`serve`] looks again either way). The same announce, list, look-again and park as
+/// `serve`'s own idle step.
+async fn until_work(slot: &AgentSlot, bus: &crate::bus::BusCore, index: u32) {
+    let pending = || slot.has_work() || bus.has_mail(index) || slot.stop_requested();
+    if pending() || !slot.signal().begin_idle() {
+        return;
+    }
+    slot.list_idle();
+    if pending() {
+        slot.signal().cancel_idle();
+        return;
+    }
+    slot.signal().parked().await;
 }
 
 async fn serve<A: Agent>(

@@ -77,10 +77,13 @@ impl Pool {
                 queued.max(1).saturating_add(members)
             })
         };
-        let mut groups: Vec<Arc<WorkGroup>> = member_counts
-            .iter()
-            .map(|&m| Arc::new(WorkGroup::new(share_of(m))))
-            .collect();
+        let mut groups: Vec<Arc<WorkGroup>> =
+            Vec::with_capacity(member_counts.len() + config.total_agents());
+        groups.extend(
+            member_counts
+                .iter()
+                .map(|&m| Arc::new(WorkGroup::new(share_of(m)))),
+        );
         let group_of = |name: &str| capability_index.get(name).copied().unwrap_or(0) as usize;
 
         let mut slots = Vec::with_capacity(config.total_agents());
@@ -103,7 +106,8 @@ impl Pool {
                     let index = slots.len() as u32;
                     let own = Arc::new(WorkGroup::new(share_of(1)));
                     groups.push(own.clone());
-                    let mut member_of = vec![own];
+                    let mut member_of = Vec::with_capacity(1 + capabilities.len());
+                    member_of.push(own);
                     member_of.extend(capabilities.iter().map(|c| groups[group_of(c)].clone()));
                     let spec = AgentSpec {
                         id: AgentId(index),
@@ -217,6 +221,15 @@ impl Pool {
     pub(crate) fn push(&self, group: u32, task: QueuedTask) {
         let g = &self.groups[group as usize];
         g.push(task);
+        let caps = self.capability_index.len();
+        if let Some(own) = (group as usize).checked_sub(caps) {
+            // An agent's own group: its only member is listed by a flag, not a queue entry.
+            let slot = &self.slots[own];
+            if slot.take_own_listing() {
+                slot.signal().wake_if_idle();
+            }
+            return;
+        }
         // Skip stale idle entries: an agent listed idle may have found work meanwhile.
         while let Some((agent, position)) = g.pop_idle() {
             let slot = &self.slots[agent as usize];

@@ -347,11 +347,21 @@ impl AgentSlot {
     /// Lists the agent as idle on each of its groups (once per group), so whoever queues work
     /// there wakes it.
     pub(crate) fn list_idle(&self) {
-        for (position, group) in self.groups.iter().enumerate() {
+        // Its own group has one member, so the flag alone is the listing (see
+        // `take_own_listing`): no queue entry, and no queue block allocated per agent.
+        self.in_idle[0].store(true, Ordering::SeqCst);
+        for (position, group) in self.groups.iter().enumerate().skip(1) {
             if !self.in_idle[position].swap(true, Ordering::SeqCst) {
                 group.push_idle(self.spec.id.0, position as u8);
             }
         }
+    }
+
+    /// Takes the agent's listing as idle on its own group: true if it was listed (whoever
+    /// queued work there then wakes it).
+    #[inline]
+    pub(crate) fn take_own_listing(&self) -> bool {
+        self.in_idle[0].swap(false, Ordering::SeqCst)
     }
 
     /// Marks the agent as no longer listed on its group at `position` (a waker took it).

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -48,8 +47,41 @@ pub(crate) struct Start {
     pub(crate) started: Option<oneshot::Sender<()>>,
 }
 
-/// Runs one incarnation of an agent and returns why it ended.
-pub(crate) type SpawnFn = Arc<dyn Fn(Start) -> BoxFuture<'static, ExitReason> + Send + Sync>;
+/// Spawns one incarnation of an agent as a Tokio task that reports its end to [`ExitTo`].
+/// The task is spawned by the kind's own (generic) code, so the incarnation's future lives
+/// in the task itself, with no box of its own.
+pub(crate) type SpawnFn = Arc<dyn Fn(Start, ExitTo) + Send + Sync>;
+
+/// Where an incarnation reports why it ended: its tier supervisor.
+pub(crate) struct ExitTo {
+    tx: mpsc::UnboundedSender<Exit>,
+    index: u32,
+    generation: u64,
+}
+
+impl ExitTo {
+    /// Runs an incarnation to its end and reports it, a panic outside a handler (a hook, or
+    /// the runtime itself) included. A combinator rather than an `async fn`, which would hold
+    /// the incarnation's future twice (as its argument and as the future it awaits).
+    pub(crate) fn report(
+        self,
+        incarnation: impl Future<Output = ExitReason>,
+    ) -> impl Future<Output = ()> {
+        std::panic::AssertUnwindSafe(incarnation)
+            .catch_unwind()
+            .map(move |ended| {
+                let reason = match ended {
+                    Ok(r) => r,
+                    Err(p) => ExitReason::Panicked(policy::panic_message(p.as_ref())),
+                };
+                let _ = self.tx.send(Exit {
+                    index: self.index,
+                    generation: self.generation,
+                    reason,
+                });
+            })
+    }
+}
 
 /// Agents in each lifecycle state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -425,10 +457,15 @@ impl TierSupervisor {
             generation: vec![0; children],
             pending: VecDeque::new(),
         };
-        for pos in 0..children {
-            sup.start_child(pos, None, Duration::ZERO, None);
-        }
-        tokio::spawn(sup.run());
+        // The children are spawned from the supervisor's own task, on a Tokio worker: a spawn
+        // from there goes to that worker's local queue, where one from the caller's thread
+        // would go through the shared inject queue and wake a worker for each child.
+        tokio::spawn(async move {
+            for pos in 0..children {
+                sup.start_child(pos, None, Duration::ZERO, None);
+            }
+            sup.run().await;
+        });
     }
 
     fn child_index(&self, pos: usize) -> u32 {
@@ -451,28 +488,22 @@ impl TierSupervisor {
     ) {
         let index = self.child_index(pos);
         self.sup.pool.slot(index).clear_requests();
-        let fut = (self.spawners[pos])(Start {
-            index,
-            cause,
-            delay,
-            started,
-        });
-        let tx = self.exits_tx.clone();
         self.alive[pos] = true;
         self.generation[pos] += 1;
-        let generation = self.generation[pos];
-        tokio::spawn(async move {
-            // A panic outside a handler (a hook, or the runtime itself) still reports an exit.
-            let reason = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(r) => r,
-                Err(p) => ExitReason::Panicked(policy::panic_message(p.as_ref())),
-            };
-            let _ = tx.send(Exit {
+        let exit = ExitTo {
+            tx: self.exits_tx.clone(),
+            index,
+            generation: self.generation[pos],
+        };
+        (self.spawners[pos])(
+            Start {
                 index,
-                generation,
-                reason,
-            });
-        });
+                cause,
+                delay,
+                started,
+            },
+            exit,
+        );
     }
 
     async fn run(mut self) {

@@ -35,12 +35,13 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::bound::Bound;
 use crate::bridge::{BusBridge, RemoteDelivery};
 pub use crate::config::Overflow;
 use crate::error::BusError;
+use crate::gather::{Gather, GatherSlot};
 use crate::ids::AgentId;
 use crate::phase::Phase;
 use crate::pool::Pool;
@@ -102,7 +103,7 @@ pub(crate) enum ReplyTo {
     /// A single request's caller.
     One(oneshot::Sender<Bytes>),
     /// One recipient's place in a fan-out.
-    Fan(FanSlot),
+    Fan(GatherSlot),
 }
 
 impl ReplyTo {
@@ -112,27 +113,7 @@ impl ReplyTo {
             ReplyTo::One(tx) => {
                 let _ = tx.send(answer);
             }
-            ReplyTo::Fan(mut slot) => {
-                slot.answered = true;
-                let _ = slot.tx.try_send((slot.index, Some(answer)));
-            }
-        }
-    }
-}
-
-/// A fan-out recipient's reply slot. Every slot sends exactly once into a channel sized for all
-/// of them, so the send never finds it full: the answer, or `None` when dropped unanswered.
-#[derive(Debug)]
-pub(crate) struct FanSlot {
-    tx: mpsc::Sender<(u32, Option<Bytes>)>,
-    index: u32,
-    answered: bool,
-}
-
-impl Drop for FanSlot {
-    fn drop(&mut self) {
-        if !self.answered {
-            let _ = self.tx.try_send((self.index, None));
+            ReplyTo::Fan(slot) => slot.send(answer),
         }
     }
 }
@@ -451,8 +432,11 @@ impl BusCore {
     /// Records that `msg` reached its handler.
     #[inline]
     pub(crate) fn delivered(&self, msg: &Message) {
-        let nanos = u64::try_from(msg.sent_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.telemetry.delivery[msg.kind.index()].record(nanos);
+        let histogram = &self.telemetry.delivery[msg.kind.index()];
+        // A clock read per message is a visible cost on a fan-out; none when it is not kept.
+        if histogram.is_enabled() {
+            histogram.record(u64::try_from(msg.sent_at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
     }
 
     /// Messages of `kind` delivered to a mailbox.
@@ -704,11 +688,11 @@ impl Bus {
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
         self.check_open()?;
-        let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let mut msg = self.message(MessageKind::Request, None, payload);
         msg.reply = Some(ReplyTo::One(tx));
-        let until = started + timeout;
+        // The message's own send stamp starts the wait: one clock read per request.
+        let until = msg.sent_at + timeout;
         let policy = Overflow::Wait { timeout };
         match self.deliver(to, msg, policy).await? {
             Delivery::Delivered => {}
@@ -895,50 +879,43 @@ impl Bus {
             });
         }
 
-        let (tx, mut rx) = mpsc::channel(agents.len());
-        let mut replies: Vec<(AgentId, Option<Reply>)> =
-            agents.iter().map(|&a| (AgentId(a), None)).collect();
-        let mut waiting = 0usize;
+        // Every slot fills its cell once (answered, or dropped unanswered: a refused request's
+        // slot is dropped at once), so the wait ends when all are in or at the deadline.
+        let gather = Gather::new(agents.len());
+        let mut refused: Vec<(usize, BusError)> = Vec::new();
         for (i, &a) in agents.iter().enumerate() {
             let mut msg = self.message(MessageKind::Request, None, payload.clone());
-            msg.reply = Some(ReplyTo::Fan(FanSlot {
-                tx: tx.clone(),
-                index: i as u32,
-                answered: false,
-            }));
-            match self.try_deliver(AgentId(a), msg, Overflow::Reject) {
-                Ok(_) => waiting += 1,
-                Err(e) => replies[i].1 = Some(Reply::Refused(e)),
+            msg.reply = Some(ReplyTo::Fan(gather.slot(i as u32)));
+            if let Err(e) = self.try_deliver(AgentId(a), msg, Overflow::Reject) {
+                refused.push((i, e));
             }
         }
-        drop(tx);
-        while waiting > 0 {
-            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-                Ok(Some((i, answer))) => {
-                    let entry = &mut replies[i as usize].1;
-                    if entry.is_some() {
-                        // A refused request's slot reports itself when the message is dropped.
-                        continue;
-                    }
-                    waiting -= 1;
-                    *entry = Some(match answer {
-                        Some(b) => Reply::Ok(b),
-                        None => Reply::NoReply,
-                    });
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    self.core.telemetry.dropped[TIMED_OUT].increment(waiting as u64);
-                    break;
-                }
-            }
+        let timed_out = tokio::time::timeout_at(deadline.into(), gather.all())
+            .await
+            .is_err();
+        let mut replies: Vec<(AgentId, Reply)> = agents
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                let reply = match gather.get(i) {
+                    Some(Some(b)) => Reply::Ok(b),
+                    Some(None) => Reply::NoReply,
+                    None => Reply::Timeout,
+                };
+                (AgentId(a), reply)
+            })
+            .collect();
+        for (i, e) in refused {
+            replies[i].1 = Reply::Refused(e);
         }
-        Ok(FanOut {
-            replies: replies
-                .into_iter()
-                .map(|(a, r)| (a, r.unwrap_or(Reply::Timeout)))
-                .collect(),
-        })
+        if timed_out {
+            let late = replies
+                .iter()
+                .filter(|(_, r)| matches!(r, Reply::Timeout))
+                .count();
+            self.core.telemetry.dropped[TIMED_OUT].increment(late as u64);
+        }
+        Ok(FanOut { replies })
     }
 
     /// Asks every agent with `capability` (but the sender); see [`Bus::fan_out`].

@@ -91,6 +91,7 @@ mod bridge;
 mod bus;
 mod config;
 mod events;
+mod gather;
 mod ledger;
 mod pool;
 mod queue;

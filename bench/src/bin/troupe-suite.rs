@@ -247,7 +247,7 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
         "fan-out/fan-in, 1 → 928 → 1",
         "rounds/s",
         true,
-        "One caller asks all 928 actors at once and gathers every reply (`join_all`).",
+        "One caller asks all 928 actors at once and gathers every reply. Troupe: its bus's scatter-gather, `Bus::request_all` (one deadline, one wake-up when the last reply is in); the row \"troupe (join_all of requests)\" writes it as the peers do, a `join_all` of 928 single requests. Peers: `join_all` of their asks.",
     );
     let mut fan99 = Table::new(
         "fan-out/fan-in p99",
@@ -268,9 +268,14 @@ fn peer_tables(s: Sizes) -> Vec<Table> {
             runs.iter().map(|l| l.p99_us / 1000.0).collect(),
         ));
     };
-    fanf(TROUPE, &|| peers::troupe::fan_out(928, s.fan_rounds, true));
+    fanf(TROUPE, &|| {
+        peers::troupe::request_all(928, s.fan_rounds, true)
+    });
     fanf(TROUPE_OFF, &|| {
-        peers::troupe::fan_out(928, s.fan_rounds, false)
+        peers::troupe::request_all(928, s.fan_rounds, false)
+    });
+    fanf("troupe (join_all of requests)", &|| {
+        peers::troupe::fan_out(928, s.fan_rounds, true)
     });
     fanf("actix send", &|| peers::actix::fan_out(928, s.fan_rounds));
     fanf("ractor", &|| peers::ractor::fan_out(928, s.fan_rounds));
@@ -668,7 +673,7 @@ fn curves(s: Sizes) -> Vec<Curve> {
         (
             TROUPE,
             |a, p, b| peers::troupe::tell(a, p, b, true),
-            |a, r| peers::troupe::fan_out(a, r, true),
+            |a, r| peers::troupe::request_all(a, r, true),
         ),
         ("actix", peers::actix::tell_do_send, peers::actix::fan_out),
         ("ractor", peers::ractor::tell, peers::ractor::fan_out),

@@ -166,6 +166,26 @@ pub fn fan_out(actors: usize, rounds: u64, telemetry: bool) -> Latency {
     })
 }
 
+/// Fan-out/fan-in as Troupe's bus offers it: one [`Bus::request_all`] to the capability,
+/// which sends every request, then gathers the replies on one channel under one deadline.
+pub fn request_all(actors: usize, rounds: u64, telemetry: bool) -> Latency {
+    super::tokio_rt().block_on(async {
+        let pool = start(actors, telemetry, |_| {}).await;
+        let bus = pool.runtime.bus();
+        let p = Bytes::from_static(b"q");
+        let l = super::timed_ops(rounds, || async {
+            let replies = bus
+                .request_all("sink", p.clone(), Duration::from_secs(10))
+                .await
+                .expect("fan-out");
+            assert_eq!(replies.replied(), actors);
+        })
+        .await;
+        pool.runtime.shutdown().await;
+        l
+    })
+}
+
 /// Publishes `messages` to a topic `subscribers` agents subscribe to; deliveries/s.
 pub fn publish(subscribers: usize, messages: u64, telemetry: bool) -> f64 {
     super::tokio_rt().block_on(async {

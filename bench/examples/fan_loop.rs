@@ -1,0 +1,28 @@
+//! Fan-out/fan-in 1 → N → 1 for one system, outside the suite, for a quick before/after:
+//! `cargo run --release -p troupe-bench --example fan_loop -- [actors] [rounds] [system]`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(928);
+    let rounds: u64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let who = std::env::args().nth(3).unwrap_or_else(|| "troupe".into());
+    let l = match who.as_str() {
+        "actix" => troupe_bench::peers::actix::fan_out(n, rounds),
+        "kameo" => troupe_bench::peers::kameo::fan_out(n, rounds),
+        "ractor" => troupe_bench::peers::ractor::fan_out(n, rounds),
+        "troupe-all" => troupe_bench::peers::troupe::request_all(n, rounds, true),
+        "troupe-off" => troupe_bench::peers::troupe::fan_out(n, rounds, false),
+        _ => troupe_bench::peers::troupe::fan_out(n, rounds, true),
+    };
+    println!(
+        "{who} n={n} rounds/s {:.0} p50 {:.0} µs p99 {:.0} µs",
+        l.per_s, l.p50_us, l.p99_us
+    );
+}

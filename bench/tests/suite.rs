@@ -31,7 +31,8 @@ fn every_workload_runs_once_and_the_report_is_written() {
         "tri-sandbox overhead",
         "queue wait under saturation",
         "I/O-bound pool",
-        "memory per idle agent",
+        "memory per idle agent, 928 agents",
+        "memory per idle agent, 10000 agents",
         "Scaling curves",
     ] {
         assert!(md.contains(title), "RESULTS.md has no `{title}`");
@@ -42,6 +43,7 @@ fn every_workload_runs_once_and_the_report_is_written() {
         "| actix do_send |",
         "| ractor |",
         "| kameo |",
+        "| troupe (join_all of requests) |",
     ] {
         assert!(md.contains(system), "no row {system}");
     }

@@ -17,9 +17,10 @@ const ABOVE_THE_PARTS: [&str; 7] = [
 ];
 
 /// The bottom layer: each may import only others of this list.
-const PRIMITIVES: [&str; 11] = [
+const PRIMITIVES: [&str; 12] = [
     "bound.rs",
     "error.rs",
+    "gather.rs",
     "ids.rs",
     "limit.rs",
     "phase.rs",

@@ -472,16 +472,25 @@ fn troupe_only(s: Sizes) -> Vec<Table> {
     t.measure("troupe", r, || rt.block_on(io_bound(s.io_secs)));
     out.push(t);
 
-    let mut t = Table::new(
-        "memory per idle agent",
-        "bytes",
-        false,
-        "Resident memory of a fresh process after starting the pool, minus before, over the agents (includes each agent's mailbox and work group).",
-    );
+    out
+}
+
+/// Resident memory per idle agent, Troupe and each peer, each in a fresh process.
+fn memory_tables(s: Sizes) -> Vec<Table> {
+    let r = s.reps;
+    let mut out = Vec::new();
     for n in [928usize, 10_000] {
-        t.measure(&format!("{n} agents"), r.min(3), || rss_per_agent(n));
+        let mut t = Table::new(
+            format!("memory per idle agent, {n} agents"),
+            "bytes",
+            false,
+            "Resident memory of a fresh process after starting the pool (or the actors) and letting it settle, minus before, over the agents: each agent's or actor's task, mailbox and state (Troupe: its slot and work group too).",
+        );
+        for system in ["troupe", "actix", "ractor", "kameo"] {
+            t.measure(system, r.min(3), || rss_per_agent(n, system));
+        }
+        out.push(t);
     }
-    out.push(t);
     out
 }
 
@@ -614,10 +623,10 @@ async fn io_bound(secs: f64) -> f64 {
 }
 
 /// Runs this binary again with `--rss N` so the measurement starts from a fresh process.
-fn rss_per_agent(n: usize) -> f64 {
+fn rss_per_agent(n: usize, system: &str) -> f64 {
     let exe = std::env::current_exe().expect("own path");
     let out = std::process::Command::new(exe)
-        .args(["--rss", &n.to_string()])
+        .args(["--rss", &n.to_string(), system])
         .output()
         .expect("child runs");
     String::from_utf8_lossy(&out.stdout)
@@ -626,26 +635,23 @@ fn rss_per_agent(n: usize) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-fn rss_child(n: usize) {
-    let rt = peers::tokio_rt();
-    rt.block_on(async {
-        let before = rss_bytes();
-        let pool = troupe_bench::start(n).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let after = rss_bytes();
-        println!("{}", (after.saturating_sub(before)) as f64 / n as f64);
-        pool.runtime.shutdown().await;
-    });
+/// The child of [`rss_per_agent`]: starts `n` agents of `system` in this fresh process and
+/// prints the resident memory per agent.
+fn rss_child(n: usize, system: &str) {
+    let per = match system {
+        "actix" => peers::actix::idle_memory(n),
+        "ractor" => peers::ractor::idle_memory(n),
+        "kameo" => peers::kameo::idle_memory(n),
+        _ => peers::tokio_rt().block_on(async {
+            let before = peers::rss_bytes();
+            let pool = troupe_bench::start(n).await;
+            tokio::time::sleep(peers::SETTLE).await;
+            let per = peers::per_actor(before, n);
+            pool.runtime.shutdown().await;
+            per
+        }),
+    };
+    println!("{per}");
 }
 
 fn curves(s: Sizes) -> Vec<Curve> {
@@ -965,7 +971,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--rss") {
         let n = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(928);
-        rss_child(n);
+        rss_child(n, args.get(i + 2).map_or("troupe", String::as_str));
         return;
     }
     if args.iter().any(|a| a == "--saturation") {
@@ -998,7 +1004,8 @@ fn main() {
     let sizes = if quick { QUICK } else { FULL };
     let started = Instant::now();
     eprintln!("troupe-suite: peer workloads");
-    let peer = peer_tables(sizes);
+    let mut peer = peer_tables(sizes);
+    peer.extend(memory_tables(sizes));
     eprintln!("troupe-suite: mailbox full");
     let mailbox = mailbox_rows();
     eprintln!("troupe-suite: Troupe-only workloads");

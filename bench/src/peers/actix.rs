@@ -219,6 +219,20 @@ pub fn publish(subscribers: usize, messages: u64) -> f64 {
     })
 }
 
+/// Resident memory per idle actor after `n` sinks started (run in a fresh process), bytes.
+pub fn idle_memory(n: usize) -> f64 {
+    run(move |arbiters| async move {
+        let done = Done::shared();
+        let h = Arc::new(AtomicU64::new(0));
+        let before = super::rss_bytes();
+        let sinks = start_sinks(&arbiters, n, &done, Duration::ZERO, DEFAULT_CAPACITY, &h);
+        actix_rt::time::sleep(super::SETTLE).await;
+        let per = super::per_actor(before, n);
+        drop(sinks);
+        per
+    })
+}
+
 struct Started(Arc<Done>);
 impl Actor for Started {
     type Context = Context<Self>;

@@ -205,6 +205,23 @@ pub fn spawn(n: usize) -> f64 {
     })
 }
 
+/// Resident memory per idle actor after `n` sinks started (run in a fresh process), bytes.
+pub fn idle_memory(n: usize) -> f64 {
+    super::tokio_rt().block_on(async {
+        let done = Done::shared();
+        let h = Arc::new(AtomicU64::new(0));
+        let before = super::rss_bytes();
+        let sinks = start(n, &done, Duration::ZERO, &h, None);
+        for s in &sinks {
+            s.wait_for_startup().await;
+        }
+        tokio::time::sleep(super::SETTLE).await;
+        let per = super::per_actor(before, n);
+        stop_all(&sinks).await;
+        per
+    })
+}
+
 /// Bounded mailbox of [`MAILBOX_BOUND`], slow consumer; `try` uses `try_send` (fails when
 /// full), otherwise `send().await` (waits for room).
 pub fn mailbox_full(try_send: bool) -> MailboxFull {

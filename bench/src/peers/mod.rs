@@ -70,6 +70,25 @@ pub fn tokio_rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Resident memory of this process, bytes (Linux `/proc/self/statm`; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// How long a started pool settles before its memory is read.
+pub const SETTLE: Duration = Duration::from_millis(200);
+
+/// Bytes of resident memory per actor: read before `n` actors start and after they settled.
+pub fn per_actor(before: u64, n: usize) -> f64 {
+    rss_bytes().saturating_sub(before) as f64 / n as f64
+}
+
 /// Latency recorder in nanoseconds.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")

@@ -199,6 +199,20 @@ pub fn spawn(n: usize) -> f64 {
     })
 }
 
+/// Resident memory per idle actor after `n` sinks started (run in a fresh process), bytes.
+pub fn idle_memory(n: usize) -> f64 {
+    super::tokio_rt().block_on(async {
+        let done = Done::shared();
+        let h = Arc::new(AtomicU64::new(0));
+        let before = super::rss_bytes();
+        let sinks = start(n, &done, Duration::ZERO, &h).await;
+        tokio::time::sleep(super::SETTLE).await;
+        let per = super::per_actor(before, n);
+        stop_all(&sinks);
+        per
+    })
+}
+
 /// Unbounded mailbox, slow consumer: every `cast` succeeds and the queue grows.
 pub fn mailbox_full() -> MailboxFull {
     super::tokio_rt().block_on(async {

@@ -18,6 +18,7 @@ fn main() {
         "kameo" => troupe_bench::peers::kameo::fan_out(n, rounds),
         "ractor" => troupe_bench::peers::ractor::fan_out(n, rounds),
         "troupe-all" => troupe_bench::peers::troupe::request_all(n, rounds, true),
+        "troupe-all-off" => troupe_bench::peers::troupe::request_all(n, rounds, false),
         "troupe-off" => troupe_bench::peers::troupe::fan_out(n, rounds, false),
         _ => troupe_bench::peers::troupe::fan_out(n, rounds, true),
     };

@@ -93,6 +93,7 @@ mod config;
 mod events;
 mod gather;
 mod ledger;
+mod mailq;
 mod pool;
 mod queue;
 pub mod sandbox;

@@ -219,13 +219,6 @@ impl LatencyHistogram {
         }
     }
 
-    /// True if samples are kept (`telemetry.latency_histograms`): a caller can skip the
-    /// clock reads a sample would take.
-    #[inline]
-    pub(crate) fn is_enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// Records one sample of `nanos` nanoseconds. Wait-free.
     #[inline]
     pub(crate) fn record(&self, nanos: u64) {

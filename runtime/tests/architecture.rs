@@ -17,12 +17,13 @@ const ABOVE_THE_PARTS: [&str; 7] = [
 ];
 
 /// The bottom layer: each may import only others of this list.
-const PRIMITIVES: [&str; 12] = [
+const PRIMITIVES: [&str; 13] = [
     "bound.rs",
     "error.rs",
     "gather.rs",
     "ids.rs",
     "limit.rs",
+    "mailq.rs",
     "phase.rs",
     "priority.rs",
     "queue.rs",

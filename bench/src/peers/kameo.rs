@@ -113,7 +113,7 @@ pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
 
 /// [`tell`] with every mailbox bounded at `bound` (to compare at Troupe's default of 1 024).
 pub fn tell_bounded(actors: usize, per_actor: u64, payload: usize, bound: Option<usize>) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (done, sinks) = plain_bounded(actors, bound);
         let p = Bytes::from(vec![b'x'; payload]);
         let burst = async |per: u64| {
@@ -139,7 +139,7 @@ pub fn tell_bounded(actors: usize, per_actor: u64, payload: usize, bound: Option
 
 /// Serial `ask(..).await` to one actor.
 pub fn ask_serial(n: u64, payload: usize) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (_, sinks) = plain(1);
         let p = Bytes::from(vec![b'x'; payload]);
         let l = super::timed_ops(n, || async {
@@ -153,7 +153,7 @@ pub fn ask_serial(n: u64, payload: usize) -> Latency {
 
 /// `ask` every actor at once, gathered with `join_all`.
 pub fn fan_out(actors: usize, rounds: u64) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (_, sinks) = plain(actors);
         let p = Bytes::from_static(b"q");
         let l = super::timed_ops(rounds, || async {
@@ -169,7 +169,7 @@ pub fn fan_out(actors: usize, rounds: u64) -> Latency {
 /// kameo's core has no topic (pub/sub lives in the separate kameo_actors crate): publishing is
 /// a `tell` to each subscriber.
 pub fn publish(subscribers: usize, messages: u64) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (done, sinks) = plain(subscribers);
         let p = Bytes::from_static(b"m");
         let t = Instant::now();
@@ -191,7 +191,7 @@ pub fn publish(subscribers: usize, messages: u64) -> f64 {
 
 /// Time until `n` actors have run `on_start` (`wait_for_startup`), seconds.
 pub fn spawn(n: usize) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let done = Done::shared();
         let h = Arc::new(AtomicU64::new(0));
         let t = Instant::now();
@@ -207,7 +207,7 @@ pub fn spawn(n: usize) -> f64 {
 
 /// Resident memory per idle actor after `n` sinks started (run in a fresh process), bytes.
 pub fn idle_memory(n: usize) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let done = Done::shared();
         let h = Arc::new(AtomicU64::new(0));
         let before = super::rss_bytes();
@@ -225,7 +225,7 @@ pub fn idle_memory(n: usize) -> f64 {
 /// Bounded mailbox of [`MAILBOX_BOUND`], slow consumer; `try` uses `try_send` (fails when
 /// full), otherwise `send().await` (waits for room).
 pub fn mailbox_full(try_send: bool) -> MailboxFull {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let done = Done::shared();
         let handled = Arc::new(AtomicU64::new(0));
         let sinks = start(1, &done, MAILBOX_WORK, &handled, Some(MAILBOX_BOUND));
@@ -337,7 +337,7 @@ impl Message<Sum> for Node {
 
 /// Skynet: 10^6 leaf actors under a tree of 10 children each, summing; seconds.
 pub fn skynet() -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let t = Instant::now();
         let root = Node::spawn(Node {

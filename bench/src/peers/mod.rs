@@ -70,6 +70,18 @@ pub fn tokio_rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Runs a workload's driver on a fresh [`tokio_rt`], as a task on one of its two workers (not
+/// on the calling thread), so the driver shares the two threads with the actors, as actix's
+/// driver shares the system arbiter: two threads in all for every system.
+pub fn on_worker<F>(driver: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = tokio_rt();
+    rt.block_on(async move { tokio::spawn(driver).await.expect("the driver panicked") })
+}
+
 /// Resident memory of this process, bytes (Linux `/proc/self/statm`; 0 elsewhere).
 pub fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();

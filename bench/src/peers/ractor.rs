@@ -100,7 +100,7 @@ fn stop_all(v: &[ActorRef<Msg>]) {
 
 /// Tell throughput with `cast`.
 pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (done, sinks) = plain(actors).await;
         let p = Bytes::from(vec![b'x'; payload]);
         let burst = |per: u64| {
@@ -126,7 +126,7 @@ pub fn tell(actors: usize, per_actor: u64, payload: usize) -> f64 {
 
 /// Serial `call` to one actor.
 pub fn ask_serial(n: u64, payload: usize) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (_, sinks) = plain(1).await;
         let p = Bytes::from(vec![b'x'; payload]);
         let l = super::timed_ops(n, || async {
@@ -144,7 +144,7 @@ pub fn ask_serial(n: u64, payload: usize) -> Latency {
 
 /// `call` to every actor at once, gathered with `join_all`.
 pub fn fan_out(actors: usize, rounds: u64) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (_, sinks) = plain(actors).await;
         let p = Bytes::from_static(b"q");
         let l = super::timed_ops(rounds, || async {
@@ -164,7 +164,7 @@ pub fn fan_out(actors: usize, rounds: u64) -> Latency {
 
 /// Publishing through a process group (`ractor::pg`): every member gets the message.
 pub fn publish(subscribers: usize, messages: u64) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (done, sinks) = plain(subscribers).await;
         let group = format!("bench-{}", std::process::id());
         ractor::pg::join(group.clone(), sinks.iter().map(|s| s.get_cell()).collect());
@@ -188,7 +188,7 @@ pub fn publish(subscribers: usize, messages: u64) -> f64 {
 
 /// Time until `n` actors are spawned (`spawn` returns after `pre_start`), seconds.
 pub fn spawn(n: usize) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let done = Done::shared();
         let h = Arc::new(AtomicU64::new(0));
         let t = Instant::now();
@@ -201,7 +201,7 @@ pub fn spawn(n: usize) -> f64 {
 
 /// Resident memory per idle actor after `n` sinks started (run in a fresh process), bytes.
 pub fn idle_memory(n: usize) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let done = Done::shared();
         let h = Arc::new(AtomicU64::new(0));
         let before = super::rss_bytes();
@@ -215,13 +215,15 @@ pub fn idle_memory(n: usize) -> f64 {
 
 /// Unbounded mailbox, slow consumer: every `cast` succeeds and the queue grows.
 pub fn mailbox_full() -> MailboxFull {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let done = Done::shared();
         let handled = Arc::new(AtomicU64::new(0));
         let sinks = start(1, &done, MAILBOX_WORK, &handled).await;
         let t = Instant::now();
         for _ in 0..MAILBOX_SENDS {
-            sinks[0].cast(Msg::Tell(Bytes::from_static(b"m"))).expect("cast");
+            sinks[0]
+                .cast(Msg::Tell(Bytes::from_static(b"m")))
+                .expect("cast");
         }
         let send_ms = t.elapsed().as_secs_f64() * 1000.0;
         let queued = MAILBOX_SENDS - handled.load(Ordering::Relaxed);
@@ -330,7 +332,7 @@ impl Actor for Node {
 
 /// Skynet: 10^6 leaf actors under a tree of 10 children each, summing; seconds.
 pub fn skynet() -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let t = Instant::now();
         Actor::spawn(

@@ -117,7 +117,7 @@ async fn burst(pool: &Pool, actors: u32, per_actor: u64, payload: &Bytes) {
 
 /// Tell throughput: `per_actor` messages to each of `actors`, messages/s.
 pub fn tell(actors: usize, per_actor: u64, payload: usize, telemetry: bool) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let pool = start(actors, telemetry, |_| {}).await;
         let p = Bytes::from(vec![b'x'; payload]);
         burst(&pool, actors as u32, 1, &p).await; // warm
@@ -131,7 +131,7 @@ pub fn tell(actors: usize, per_actor: u64, payload: usize, telemetry: bool) -> f
 
 /// Serial request/reply with one agent.
 pub fn ask_serial(n: u64, payload: usize, telemetry: bool) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let pool = start(1, telemetry, |_| {}).await;
         let bus = pool.runtime.bus();
         let p = Bytes::from(vec![b'x'; payload]);
@@ -148,7 +148,7 @@ pub fn ask_serial(n: u64, payload: usize, telemetry: bool) -> Latency {
 
 /// One request to each of `actors` agents at once, gathered; `rounds` times.
 pub fn fan_out(actors: usize, rounds: u64, telemetry: bool) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let pool = start(actors, telemetry, |_| {}).await;
         let bus = pool.runtime.bus();
         let p = Bytes::from_static(b"q");
@@ -169,7 +169,7 @@ pub fn fan_out(actors: usize, rounds: u64, telemetry: bool) -> Latency {
 /// Fan-out/fan-in as Troupe's bus offers it: one [`Bus::request_all`] to the capability,
 /// which sends every request, then gathers the replies on one channel under one deadline.
 pub fn request_all(actors: usize, rounds: u64, telemetry: bool) -> Latency {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let pool = start(actors, telemetry, |_| {}).await;
         let bus = pool.runtime.bus();
         let p = Bytes::from_static(b"q");
@@ -188,7 +188,7 @@ pub fn request_all(actors: usize, rounds: u64, telemetry: bool) -> Latency {
 
 /// Publishes `messages` to a topic `subscribers` agents subscribe to; deliveries/s.
 pub fn publish(subscribers: usize, messages: u64, telemetry: bool) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let pool = start(subscribers, telemetry, |_| {}).await;
         let bus = pool.runtime.bus();
         // Create the topic with its policy before subscribing (subscribing would create it
@@ -223,7 +223,7 @@ pub fn publish(subscribers: usize, messages: u64, telemetry: bool) -> f64 {
 
 /// Time to start a pool of `n` agents (ready to take work), seconds.
 pub fn spawn(n: usize, telemetry: bool) -> f64 {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let t = Instant::now();
         let pool = start(n, telemetry, |_| {}).await;
         let s = t.elapsed();
@@ -234,7 +234,7 @@ pub fn spawn(n: usize, telemetry: bool) -> f64 {
 
 /// A bounded mailbox of [`MAILBOX_BOUND`] with a slow consumer, under each overflow policy.
 pub fn mailbox_full(overflow: Overflow) -> MailboxFull {
-    super::tokio_rt().block_on(async {
+    super::on_worker(async move {
         let pool = start_with_work(1, true, MAILBOX_WORK, |c| {
             c.mailbox.capacity = MAILBOX_BOUND;
         })
@@ -243,7 +243,10 @@ pub fn mailbox_full(overflow: Overflow) -> MailboxFull {
         let (mut refused, mut dropped) = (0, 0);
         let t = Instant::now();
         for _ in 0..MAILBOX_SENDS {
-            match bus.send_with(AgentId(0), Bytes::from_static(b"m"), overflow).await {
+            match bus
+                .send_with(AgentId(0), Bytes::from_static(b"m"), overflow)
+                .await
+            {
                 Ok(troupe::Delivery::Delivered) => {}
                 Ok(troupe::Delivery::Dropped) => dropped += 1,
                 Err(_) => refused += 1,
@@ -257,9 +260,15 @@ pub fn mailbox_full(overflow: Overflow) -> MailboxFull {
         let handled = pool.handled.load(Ordering::Relaxed);
         pool.runtime.shutdown().await;
         let behaviour = match overflow {
-            Overflow::Reject => "`try_send`/`reject`: the send fails at once with `MailboxFull {depth, capacity}`; nothing queues past the bound",
-            Overflow::DropNewest => "`drop_newest`: the send succeeds, the message is dropped and counted (`troupe_bus_messages_dropped_total`)",
-            Overflow::Wait { .. } => "`wait`: the sender waits for room; nothing is lost and the queue stays at the bound",
+            Overflow::Reject => {
+                "`try_send`/`reject`: the send fails at once with `MailboxFull {depth, capacity}`; nothing queues past the bound"
+            }
+            Overflow::DropNewest => {
+                "`drop_newest`: the send succeeds, the message is dropped and counted (`troupe_bus_messages_dropped_total`)"
+            }
+            Overflow::Wait { .. } => {
+                "`wait`: the sender waits for room; nothing is lost and the queue stays at the bound"
+            }
         };
         MailboxFull {
             sent: MAILBOX_SENDS,

@@ -1,3 +1,6 @@
+//! Which fan-out rounds are slow: 928 agents, `Bus::request_all` per round, and the rounds at
+//! or over the p99 counted by their index modulo 31 (a mailbox segment's block size, the cause
+//! of a periodic tail this found): `cargo run --release -p troupe-bench --example fan_trace`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};

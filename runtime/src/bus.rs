@@ -339,7 +339,7 @@ impl BusCore {
             telemetry: BusTelemetry {
                 messages: std::array::from_fn(|_| StripedCounter::default()),
                 delivery: std::array::from_fn(|_| LatencyHistogram::new(latency_histograms)),
-                clock: latency_histograms.then(quanta::Clock::new),
+                clock: latency_histograms.then(crate::telemetry::latency_clock),
                 dropped: std::array::from_fn(|_| StripedCounter::default()),
             },
             default_overflow,

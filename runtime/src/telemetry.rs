@@ -338,6 +338,14 @@ pub(crate) fn elapsed_ns(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The process's latency clock (quanta: the CPU's time-stamp counter where it is invariant).
+/// Made once: building one asks the CPU what it has (`cpuid`), which in a VM is a trip to the
+/// hypervisor, tens of microseconds a runtime start would otherwise pay.
+pub(crate) fn latency_clock() -> quanta::Clock {
+    static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new).clone()
+}
+
 /// Nanoseconds from `a` to `b` (0 if `b` is earlier), saturating.
 #[inline]
 pub(crate) fn nanos_between(a: Instant, b: Instant) -> u64 {

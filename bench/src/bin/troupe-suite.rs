@@ -927,9 +927,12 @@ fn summary_md(tables: &[Table], seconds: f64) -> String {
         "tell → 928 actors",
         "request/reply, serial",
         "request/reply p99",
+        "fan-out/fan-in, 1 → 928 → 1",
         "fan-out/fan-in p99",
         "publish → 928 subscribers",
         "spawn 928 actors",
+        "spawn 10000 actors",
+        "memory per idle agent, 10000 agents",
     ];
     let mut parts = Vec::new();
     for title in headline {

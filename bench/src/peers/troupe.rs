@@ -34,9 +34,14 @@ impl Agent for Sink {
             self.done.bump();
             return None;
         }
+        // An ask is answered at once, as the peers' ask handlers do; only tells are counted
+        // and worked on (the peers' tell handlers).
+        if msg.is_request() {
+            return Some(msg.payload);
+        }
         self.handled.fetch_add(1, Ordering::Relaxed);
         super::busy(self.work);
-        msg.is_request().then_some(msg.payload)
+        None
     }
 }
 

@@ -4,11 +4,8 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
-    let who = std::env::args().nth(2).unwrap_or_else(|| "troupe".into());
+    let n: u64 = troupe_bench::arg(1, 200_000);
+    let who = troupe_bench::arg(2, String::from("troupe"));
     let l = match who.as_str() {
         "actix" => troupe_bench::peers::actix::ask_serial(n, 0),
         "kameo" => troupe_bench::peers::kameo::ask_serial(n, 0),

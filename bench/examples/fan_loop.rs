@@ -4,15 +4,9 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(928);
-    let rounds: u64 = std::env::args()
-        .nth(2)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    let who = std::env::args().nth(3).unwrap_or_else(|| "troupe".into());
+    let n: usize = troupe_bench::arg(1, 928);
+    let rounds: u64 = troupe_bench::arg(2, 300);
+    let who = troupe_bench::arg(3, String::from("troupe"));
     let l = match who.as_str() {
         "actix" => troupe_bench::peers::actix::fan_out(n, rounds),
         "kameo" => troupe_bench::peers::kameo::fan_out(n, rounds),

@@ -5,10 +5,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3100);
+    let rounds: usize = troupe_bench::arg(1, 3100);
     let lat = troupe_bench::peers::on_worker(async move {
         let pool = troupe_bench::peers::troupe::start(928, true, |_| {}).await;
         let bus = pool.runtime.bus();

@@ -5,15 +5,9 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(928);
-    let iters: usize = std::env::args()
-        .nth(2)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(500);
-    let who = std::env::args().nth(3).unwrap_or_else(|| "troupe".into());
+    let n: usize = troupe_bench::arg(1, 928);
+    let iters: usize = troupe_bench::arg(2, 500);
+    let who = troupe_bench::arg(3, String::from("troupe"));
     let mut v = Vec::new();
     for _ in 0..iters {
         v.push(

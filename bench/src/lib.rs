@@ -7,6 +7,15 @@
 
 pub mod peers;
 
+/// Positional argument `i` of an example (`1` is the first), parsed, or `default` when it is
+/// absent or does not parse: the examples' small command lines.
+pub fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
+    std::env::args()
+        .nth(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -20,7 +20,7 @@ use crate::ids::{AgentId, TaskId};
 use crate::priority::{PerPriority, Priority};
 use crate::task::{Outcome, OutcomeKind, QueuedTask};
 use crate::telemetry::{
-    LatencyHistogram, LatencySummary, StripedCounter, elapsed_ns, nanos_between,
+    LatencyHistogram, LatencySummary, StripedCounters, elapsed_ns, nanos_between,
 };
 
 /// Outcome counts.
@@ -84,15 +84,39 @@ pub struct PriorityStats {
 
 /// Counters and latency histograms of every task, per priority, plus the observers.
 pub(crate) struct Ledger {
-    submitted: PerPriority<StripedCounter>,
-    completed: PerPriority<[StripedCounter; OutcomeKind::ALL.len()]>,
-    /// By reason: queue_full, shutting_down, invalid, unavailable, kind_full.
-    rejected: PerPriority<[StripedCounter; 5]>,
+    /// Submitted, completed (by outcome), rejected (by reason) and late results, per
+    /// priority, in one striped block: see [`Counter`] for the layout.
+    counts: StripedCounters<COUNTERS>,
     queue_wait: PerPriority<LatencyHistogram>,
     handler: PerPriority<LatencyHistogram>,
     latency: PerPriority<LatencyHistogram>,
-    late: PerPriority<StripedCounter>,
     observers: Box<[Arc<dyn TaskObserver>]>,
+}
+
+const OUTCOMES: usize = OutcomeKind::ALL.len();
+/// Rejection reasons: queue_full, shutting_down, invalid, unavailable, kind_full.
+const REASONS: usize = 5;
+const PRIORITIES: usize = Priority::COUNT;
+const COUNTERS: usize = PRIORITIES * (1 + OUTCOMES + REASONS + 1);
+
+/// Where each of the ledger's counters sits in its block.
+enum Counter {
+    Submitted(Priority),
+    Completed(Priority, usize),
+    Rejected(Priority, usize),
+    Late(Priority),
+}
+
+impl Counter {
+    #[inline]
+    const fn at(self) -> usize {
+        match self {
+            Counter::Submitted(p) => p.index(),
+            Counter::Completed(p, k) => PRIORITIES + p.index() * OUTCOMES + k,
+            Counter::Rejected(p, r) => PRIORITIES * (1 + OUTCOMES) + p.index() * REASONS + r,
+            Counter::Late(p) => PRIORITIES * (1 + OUTCOMES + REASONS) + p.index(),
+        }
+    }
 }
 
 fn rejected_index(error: &SubmitError) -> usize {
@@ -109,13 +133,10 @@ impl Ledger {
     /// `latency` switches the latency histograms on or off (counters always run).
     pub(crate) fn new(latency: bool, observers: Vec<Arc<dyn TaskObserver>>) -> Self {
         Ledger {
-            submitted: PerPriority::from_fn(|_| StripedCounter::default()),
-            completed: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
-            rejected: PerPriority::from_fn(|_| std::array::from_fn(|_| StripedCounter::default())),
+            counts: StripedCounters::default(),
             queue_wait: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
             handler: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
             latency: PerPriority::from_fn(|_| LatencyHistogram::new(latency)),
-            late: PerPriority::from_fn(|_| StripedCounter::default()),
             observers: observers.into_boxed_slice(),
         }
     }
@@ -140,13 +161,14 @@ impl Ledger {
     /// Counts an accepted task.
     #[inline]
     pub(crate) fn accepted(&self, task: TaskId, priority: Priority, key: Option<u64>) {
-        self.submitted[priority].increment(1);
+        self.counts.increment(Counter::Submitted(priority).at(), 1);
         self.emit(task, priority, key, TaskEventKind::Accepted);
     }
 
     /// Counts a refused submission.
     pub(crate) fn rejected(&self, priority: Priority, error: &SubmitError) {
-        self.rejected[priority][rejected_index(error)].increment(1);
+        self.counts
+            .increment(Counter::Rejected(priority, rejected_index(error)).at(), 1);
     }
 
     /// Counts an attempt picked up by `agent` at `now`.
@@ -166,12 +188,12 @@ impl Ledger {
 
     /// Counts a result that came back after its deadline and was discarded.
     pub(crate) fn late_result(&self, priority: Priority) {
-        self.late[priority].increment(1);
+        self.counts.increment(Counter::Late(priority).at(), 1);
     }
 
     /// Late results discarded at `p`.
     pub(crate) fn late_results(&self, p: Priority) -> u64 {
-        self.late[p].get()
+        self.counts.get(Counter::Late(p).at())
     }
 
     /// Records one attempt's handler time.
@@ -185,7 +207,8 @@ impl Ledger {
     pub(crate) fn finish(&self, task: QueuedTask, outcome: Outcome) {
         let p = task.priority;
         let kind = outcome.kind();
-        self.completed[p][kind.index()].increment(1);
+        self.counts
+            .increment(Counter::Completed(p, kind.index()).at(), 1);
         self.latency[p].record(elapsed_ns(task.submitted_at));
         self.emit(
             task.id,
@@ -205,29 +228,30 @@ impl Ledger {
         submitted_at: Instant,
         key: Option<u64>,
     ) {
-        self.completed[priority][outcome.index()].increment(1);
+        self.counts
+            .increment(Counter::Completed(priority, outcome.index()).at(), 1);
         self.latency[priority].record(elapsed_ns(submitted_at));
         self.emit(task, priority, key, TaskEventKind::Finished { outcome });
     }
 
     /// Tasks accepted at `p`.
     pub(crate) fn submitted(&self, p: Priority) -> u64 {
-        self.submitted[p].get()
+        self.counts.get(Counter::Submitted(p).at())
     }
 
     /// Tasks at `p` that ended with `kind`.
     pub(crate) fn completed(&self, p: Priority, kind: OutcomeKind) -> u64 {
-        self.completed[p][kind.index()].get()
+        self.counts.get(Counter::Completed(p, kind.index()).at())
     }
 
     /// Refusals at `p`, by reason.
     pub(crate) fn rejections(&self, p: Priority) -> RejectionCounts {
         RejectionCounts {
-            queue_full: self.rejected[p][0].get(),
-            shutting_down: self.rejected[p][1].get(),
-            invalid: self.rejected[p][2].get(),
-            unavailable: self.rejected[p][3].get(),
-            kind_full: self.rejected[p][4].get(),
+            queue_full: self.counts.get(Counter::Rejected(p, 0).at()),
+            shutting_down: self.counts.get(Counter::Rejected(p, 1).at()),
+            invalid: self.counts.get(Counter::Rejected(p, 2).at()),
+            unavailable: self.counts.get(Counter::Rejected(p, 3).at()),
+            kind_full: self.counts.get(Counter::Rejected(p, 4).at()),
         }
     }
 
@@ -253,8 +277,8 @@ impl Ledger {
     pub(crate) fn finished_total(&self) -> u64 {
         Priority::ALL
             .iter()
-            .flat_map(|&p| self.completed[p].iter())
-            .map(StripedCounter::get)
+            .flat_map(|&p| OutcomeKind::ALL.map(|k| Counter::Completed(p, k.index()).at()))
+            .map(|i| self.counts.get(i))
             .sum()
     }
 
@@ -290,7 +314,28 @@ impl Ledger {
             queue_wait: self.queue_wait[p].summary(),
             handler: self.handler[p].summary(),
             latency: self.latency[p].summary(),
-            late_results: self.late[p].get(),
+            late_results: self.counts.get(Counter::Late(p).at()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_own_place_in_the_block() {
+        let mut at = Vec::new();
+        for p in Priority::ALL {
+            at.push(Counter::Submitted(p).at());
+            at.push(Counter::Late(p).at());
+            at.extend((0..OUTCOMES).map(|k| Counter::Completed(p, k).at()));
+            at.extend((0..REASONS).map(|r| Counter::Rejected(p, r).at()));
+        }
+        assert_eq!(at.len(), COUNTERS);
+        assert!(at.iter().all(|&i| i < COUNTERS));
+        at.sort_unstable();
+        at.dedup();
+        assert_eq!(at.len(), COUNTERS, "two counters share a place");
     }
 }

@@ -39,7 +39,8 @@ pub(crate) struct WorkGroup {
     /// touching that memory. Set once, without a lock (a racing first push frees its copy).
     levels: OnceBox<[Level; Priority::COUNT]>,
     /// Idle agents to wake, packed as `(agent index << 8) | position of this group in the
-    /// agent's group list`. Each agent appears at most once (see `AgentSlot::in_idle`).
+    /// agent's group list`. Each agent appears at most once (see `AgentSlot::in_idle`). An
+    /// agent's own group leaves it empty: its one member is listed by a flag in its slot.
     idle: SegQueue<u64>,
     /// Members not stopped (starting, running or restarting): while 0, nobody will ever take
     /// a task queued here.

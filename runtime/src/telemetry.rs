@@ -49,30 +49,18 @@ fn stripe() -> usize {
     })
 }
 
-/// A counter written per thread stripe and summed on read.
-pub(crate) struct StripedCounter {
-    stripes: [CachePadded<AtomicU64>; STRIPES],
-}
-
-impl Default for StripedCounter {
-    fn default() -> Self {
-        StripedCounter {
-            stripes: std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))),
-        }
-    }
-}
+/// A counter written per thread stripe and summed on read: a [`StripedCounters`] of one.
+#[derive(Default)]
+pub(crate) struct StripedCounter(StripedCounters<1>);
 
 impl StripedCounter {
     #[inline]
     pub(crate) fn increment(&self, n: u64) {
-        self.stripes[stripe()].fetch_add(n, Ordering::Relaxed);
+        self.0.increment(0, n);
     }
 
     pub(crate) fn get(&self) -> u64 {
-        self.stripes
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .fold(0u64, u64::wrapping_add)
+        self.0.get(0)
     }
 }
 

@@ -116,20 +116,32 @@ pub(crate) async fn run<F: AgentFactory>(
     exit
 }
 
-/// Parks until the agent has mail, work or a stop request (or is woken for any other
-/// reason: [`serve`] looks again either way). The same announce, list, look-again and park as
-/// `serve`'s own idle step.
-async fn until_work(slot: &AgentSlot, bus: &crate::bus::BusCore, index: u32) {
-    let pending = || slot.has_work() || bus.has_mail(index) || slot.stop_requested();
-    if pending() || !slot.signal().begin_idle() {
+/// True if the agent has mail, work or a stop request waiting.
+fn pending(slot: &AgentSlot, bus: &crate::bus::BusCore, index: u32) -> bool {
+    slot.has_work() || bus.has_mail(index) || slot.stop_requested()
+}
+
+/// The idle step: announce idleness, list the agent where work may arrive, look once more
+/// (work that arrived in between would otherwise find nobody to wake), then park. Returns at
+/// once if it was notified meanwhile or finds work on the second look; either way the caller
+/// looks again.
+async fn idle(slot: &AgentSlot, bus: &crate::bus::BusCore, index: u32) {
+    if !slot.signal().begin_idle() {
         return;
     }
     slot.list_idle();
-    if pending() {
+    if pending(slot, bus, index) {
         slot.signal().cancel_idle();
         return;
     }
     slot.signal().parked().await;
+}
+
+/// Waits, in the agent's small pre-work future, until it has something to do.
+async fn until_work(slot: &AgentSlot, bus: &crate::bus::BusCore, index: u32) {
+    if !pending(slot, bus, index) {
+        idle(slot, bus, index).await;
+    }
 }
 
 async fn serve<A: Agent>(
@@ -204,17 +216,7 @@ async fn serve<A: Agent>(
             continue;
         }
 
-        // Nothing to do: announce idleness, list ourselves where work may arrive, look once
-        // more (work that arrived in between would otherwise find nobody to wake), then park.
-        if !slot.signal().begin_idle() {
-            continue;
-        }
-        slot.list_idle();
-        if slot.has_work() || bus.has_mail(index) || slot.stop_requested() {
-            slot.signal().cancel_idle();
-            continue;
-        }
-        slot.signal().parked().await;
+        idle(slot, bus, index).await;
     }
 }
 
